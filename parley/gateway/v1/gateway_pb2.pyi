@@ -1,0 +1,149 @@
+from parley.audio.v1 import audio_pb2 as _audio_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TranslationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSLATION_MODE_UNSPECIFIED: _ClassVar[TranslationMode]
+    CASCADE: _ClassVar[TranslationMode]
+    DIRECT: _ClassVar[TranslationMode]
+TRANSLATION_MODE_UNSPECIFIED: TranslationMode
+CASCADE: TranslationMode
+DIRECT: TranslationMode
+
+class TranslateSpeechConfig(_message.Message):
+    __slots__ = ("request_id", "source_language", "target_language", "input_format", "synthesize_speech", "voice", "output_sample_rate_hz", "interim_results", "mode")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SYNTHESIZE_SPEECH_FIELD_NUMBER: _ClassVar[int]
+    VOICE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    INTERIM_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    source_language: str
+    target_language: str
+    input_format: _audio_pb2.AudioFormat
+    synthesize_speech: bool
+    voice: str
+    output_sample_rate_hz: int
+    interim_results: bool
+    mode: TranslationMode
+    def __init__(self, request_id: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., input_format: _Optional[_Union[_audio_pb2.AudioFormat, _Mapping]] = ..., synthesize_speech: _Optional[bool] = ..., voice: _Optional[str] = ..., output_sample_rate_hz: _Optional[int] = ..., interim_results: _Optional[bool] = ..., mode: _Optional[_Union[TranslationMode, str]] = ...) -> None: ...
+
+class TranslateSpeechRequest(_message.Message):
+    __slots__ = ("config", "audio")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    config: TranslateSpeechConfig
+    audio: bytes
+    def __init__(self, config: _Optional[_Union[TranslateSpeechConfig, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
+
+class SpeechStarted(_message.Message):
+    __slots__ = ("start_ms",)
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    start_ms: int
+    def __init__(self, start_ms: _Optional[int] = ...) -> None: ...
+
+class Transcript(_message.Message):
+    __slots__ = ("text", "is_final", "stability", "start_ms", "end_ms", "language")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IS_FINAL_FIELD_NUMBER: _ClassVar[int]
+    STABILITY_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    is_final: bool
+    stability: float
+    start_ms: int
+    end_ms: int
+    language: str
+    def __init__(self, text: _Optional[str] = ..., is_final: _Optional[bool] = ..., stability: _Optional[float] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., language: _Optional[str] = ...) -> None: ...
+
+class Translation(_message.Message):
+    __slots__ = ("text", "source_language", "target_language")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    source_language: str
+    target_language: str
+    def __init__(self, text: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ...) -> None: ...
+
+class SynthesizedAudio(_message.Message):
+    __slots__ = ("audio", "format", "sentence_index", "is_last")
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SENTENCE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    IS_LAST_FIELD_NUMBER: _ClassVar[int]
+    audio: bytes
+    format: _audio_pb2.AudioFormat
+    sentence_index: int
+    is_last: bool
+    def __init__(self, audio: _Optional[bytes] = ..., format: _Optional[_Union[_audio_pb2.AudioFormat, _Mapping]] = ..., sentence_index: _Optional[int] = ..., is_last: _Optional[bool] = ...) -> None: ...
+
+class UtteranceTimings(_message.Message):
+    __slots__ = ("end_of_speech_to_transcript_ms", "end_of_speech_to_translation_ms", "end_of_speech_to_first_audio_ms", "stt_ms", "translation_ms", "tts_first_audio_ms", "tts_ms")
+    END_OF_SPEECH_TO_TRANSCRIPT_MS_FIELD_NUMBER: _ClassVar[int]
+    END_OF_SPEECH_TO_TRANSLATION_MS_FIELD_NUMBER: _ClassVar[int]
+    END_OF_SPEECH_TO_FIRST_AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    STT_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATION_MS_FIELD_NUMBER: _ClassVar[int]
+    TTS_FIRST_AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    TTS_MS_FIELD_NUMBER: _ClassVar[int]
+    end_of_speech_to_transcript_ms: float
+    end_of_speech_to_translation_ms: float
+    end_of_speech_to_first_audio_ms: float
+    stt_ms: float
+    translation_ms: float
+    tts_first_audio_ms: float
+    tts_ms: float
+    def __init__(self, end_of_speech_to_transcript_ms: _Optional[float] = ..., end_of_speech_to_translation_ms: _Optional[float] = ..., end_of_speech_to_first_audio_ms: _Optional[float] = ..., stt_ms: _Optional[float] = ..., translation_ms: _Optional[float] = ..., tts_first_audio_ms: _Optional[float] = ..., tts_ms: _Optional[float] = ...) -> None: ...
+
+class UtteranceError(_message.Message):
+    __slots__ = ("stage", "code", "message")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    code: int
+    message: str
+    def __init__(self, stage: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EndOfStream(_message.Message):
+    __slots__ = ("utterances", "audio_duration_s")
+    UTTERANCES_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    utterances: int
+    audio_duration_s: float
+    def __init__(self, utterances: _Optional[int] = ..., audio_duration_s: _Optional[float] = ...) -> None: ...
+
+class TranslateSpeechResponse(_message.Message):
+    __slots__ = ("request_id", "utterance_index", "speech_started", "transcript", "translation", "audio", "timings", "error", "end_of_stream")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_STARTED_FIELD_NUMBER: _ClassVar[int]
+    TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATION_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    END_OF_STREAM_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    utterance_index: int
+    speech_started: SpeechStarted
+    transcript: Transcript
+    translation: Translation
+    audio: SynthesizedAudio
+    timings: UtteranceTimings
+    error: UtteranceError
+    end_of_stream: EndOfStream
+    def __init__(self, request_id: _Optional[str] = ..., utterance_index: _Optional[int] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., translation: _Optional[_Union[Translation, _Mapping]] = ..., audio: _Optional[_Union[SynthesizedAudio, _Mapping]] = ..., timings: _Optional[_Union[UtteranceTimings, _Mapping]] = ..., error: _Optional[_Union[UtteranceError, _Mapping]] = ..., end_of_stream: _Optional[_Union[EndOfStream, _Mapping]] = ...) -> None: ...

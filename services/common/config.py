@@ -1,0 +1,143 @@
+"""Typed configuration from command-line flags and ``PARLEY_*`` environment variables.
+
+Every stage has one frozen dataclass deriving from :class:`ServerConfig`. Each field's ``metadata["help"]``
+documents it (with its unit); ``load_config`` builds an argparse parser from the fields, so ``--help`` shows
+every default. Precedence: flag, then environment variable ``PARLEY_<FIELD_NAME>``, then the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's keyword
+    """A dataclass field with its help text (say the unit)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Settings every stage server shares."""
+
+    host: str = option("127.0.0.1", "Address to bind; 0.0.0.0 to listen on every interface.")
+    port: int = option(0, "gRPC port; 0 picks a free one (written to --ready-file).")
+    metrics_port: int = option(0, "Prometheus metrics HTTP port; 0 disables the endpoint.")
+    grace_s: float = option(10.0, "On SIGTERM, time in-flight calls get to finish, in seconds.")
+    drain_delay_s: float = option(
+        0.5, "On SIGTERM, time spent NOT_SERVING but still accepting calls, so balancers move away, in s."
+    )
+    log_level: str = option("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+    max_message_mb: int = option(64, "Largest gRPC message accepted or sent, in MiB.")
+    ready_file: str = option("", "Once SERVING, write 'host:port' to this file (for supervisors).")
+
+
+def env_var(field_name: str) -> str:
+    """Environment variable that sets a config field, e.g. ``PARLEY_METRICS_PORT``."""
+    return "PARLEY_" + field_name.upper()
+
+
+def flag(field_name: str) -> str:
+    """Command-line flag that sets a config field, e.g. ``--metrics-port``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """Unwraps ``Optional[X]``; returns (X, is_optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _parse_value(tp: Any, raw: str) -> Any:
+    tp, optional = _base_type(tp)
+    if optional and raw == "":
+        return None
+    if tp is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {raw!r}")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(raw.lower())
+        except ValueError:
+            choices = ", ".join(m.value for m in tp)
+            raise ValueError(f"expected one of {choices}, got {raw!r}") from None
+    if typing.get_origin(tp) is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_parse_value(item, part.strip()) for part in raw.split(",") if part.strip())
+    return tp(raw)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def load_config(
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    prog: str | None = None,
+) -> T:
+    """Builds ``cls`` from flags, then ``PARLEY_*`` environment variables, then defaults.
+
+    Args:
+        cls: A frozen dataclass whose fields carry ``metadata["help"]``.
+        argv: Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
+        env: Environment; ``None`` reads ``os.environ``.
+        prog: Program name shown by ``--help``.
+
+    Raises:
+        SystemExit: On a bad flag or environment value (argparse's usage error, exit code 2).
+    """
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(cls.__doc__ or "").strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        tp = hints[field.name]
+        default = field.default
+        help_text = f"{field.metadata.get('help', '')} Env: {env_var(field.name)}."
+        raw_env = env.get(env_var(field.name))
+        if raw_env is not None:
+            try:
+                default = _parse_value(tp, raw_env)
+            except ValueError as exc:
+                parser.error(f"{env_var(field.name)}: {exc}")
+        base, _ = _base_type(tp)
+        choices = [m.value for m in base] if isinstance(base, type) and issubclass(base, enum.Enum) else None
+        parser.add_argument(
+            flag(field.name),
+            dest=field.name,
+            default=_show(default) if default is not None else "",
+            metavar=field.name.upper(),
+            choices=choices,
+            help=help_text,
+        )
+    args = parser.parse_args(argv)
+    values = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        try:
+            values[field.name] = _parse_value(hints[field.name], getattr(args, field.name))
+        except ValueError as exc:
+            parser.error(f"{flag(field.name)}: {exc}")
+    return cls(**values)

@@ -1,0 +1,211 @@
+"""The one way to run a stage server: load and warm the model, serve gRPC with health and reflection,
+map errors to status codes, export metrics, and drain gracefully on SIGTERM.
+
+Start-up order (grpc ``examples/python/helloworld/async_greeter_server_with_graceful_shutdown.py``):
+load and warm the engine on a worker thread, add the servicers, ``grpc.health.v1`` and reflection, start,
+then set SERVING and log "ready" once. On SIGTERM or SIGINT: NOT_SERVING, wait ``drain_delay_s`` so load
+balancers and health watchers move traffic away, then ``server.stop(grace_s)`` so in-flight calls finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram, start_http_server
+
+from services.common.config import ServerConfig
+from services.common.errors import ParleyError
+
+logger = logging.getLogger(__name__)
+
+C = TypeVar("C", bound=ServerConfig)
+E = TypeVar("E")
+
+REQUESTS = Counter("parley_grpc_requests", "gRPC calls handled, by method and status code.", ["method", "code"])
+LATENCY = Histogram(
+    "parley_grpc_request_duration_seconds",
+    "Time from call start to the last response, in seconds.",
+    ["method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+def configure_logging(level: str) -> None:
+    """Configures the root logger once, for a server process."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ParleyError):
+        return grpc.StatusCode[exc.code], str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by servicers to gRPC status codes, and counts and times every call.
+
+    :class:`ParleyError` subclasses become their status code with their message; any other exception
+    becomes INTERNAL and is logged with its traceback. Health and reflection calls pass through untouched.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith("/grpc."):
+            return handler
+
+        async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+            code, details = _status(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                logger.error("%s failed", method, exc_info=exc)
+            REQUESTS.labels(method, code.name).inc()
+            await context.abort(code, details)
+
+        def done(start: float, context: grpc.aio.ServicerContext) -> None:
+            LATENCY.labels(method).observe(time.perf_counter() - start)
+            code = context.code() if hasattr(context, "code") else None
+            REQUESTS.labels(method, code.name if isinstance(code, grpc.StatusCode) else "OK").inc()
+
+        if handler.unary_unary or handler.stream_unary:
+            behavior = handler.unary_unary or handler.stream_unary
+
+            async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start = time.perf_counter()
+                try:
+                    response = await behavior(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every error gets a status code, once, here
+                    await fail(exc, context)
+                done(start, context)
+                return response
+
+            factory = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary
+                else grpc.stream_unary_rpc_method_handler
+            )
+            return factory(
+                unary_response,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        behavior = handler.unary_stream or handler.stream_stream
+
+        async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - every error gets a status code, once, here
+                await fail(exc, context)
+            done(start, context)
+
+        factory = (
+            grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        )
+        return factory(
+            stream_response,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage(Generic[C, E]):
+    """How to serve one stage.
+
+    Attributes:
+        name: Short name ("vad", "stt", ...), used in logs and thread names.
+        service_names: Full proto service names, for health and reflection.
+        load: Loads and warms the engine; blocking, runs on a worker thread before serving starts.
+        add_servicers: Registers the stage's servicers on the server.
+        close: Releases the engine after the server has stopped.
+    """
+
+    name: str
+    service_names: tuple[str, ...]
+    load: Callable[[C], E]
+    add_servicers: Callable[[grpc.aio.Server, E, C], None]
+    close: Callable[[E], None] | None = None
+
+
+async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = None) -> None:
+    """Serves ``stage`` until SIGTERM or SIGINT (or until ``stop`` is set), then drains.
+
+    Raises:
+        OSError: When the port cannot be bound.
+    """
+    started = time.perf_counter()
+    engine = await asyncio.to_thread(stage.load, config)
+    logger.info("%s: model loaded and warmed in %.1f s", stage.name, time.perf_counter() - started)
+
+    max_bytes = config.max_message_mb * 1024 * 1024
+    server = grpc.aio.server(
+        interceptors=[StatusMappingInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    stage.add_servicers(server, engine, config)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*stage.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host)
+    await server.start()
+    for name in ("", *stage.service_names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{config.host}:{port}"
+    if config.ready_file:
+        tmp = Path(config.ready_file + ".tmp")
+        tmp.write_text(address)
+        tmp.replace(config.ready_file)
+    logger.info("%s: ready, SERVING on %s", stage.name, address)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    logger.info("%s: draining: NOT_SERVING, in-flight calls get %.1f s", stage.name, config.grace_s)
+    await health.enter_graceful_shutdown()
+    await asyncio.sleep(config.drain_delay_s)
+    await server.stop(config.grace_s)
+    if stage.close is not None:
+        await asyncio.to_thread(stage.close, engine)
+    logger.info("%s: stopped", stage.name)
+
+
+def run(stage: Stage[C, E], config: C) -> None:
+    """Configures logging and serves ``stage`` in a new event loop; the body of every ``__main__``."""
+    configure_logging(config.log_level)
+    asyncio.run(serve(stage, config))

@@ -1,0 +1,101 @@
+"""Shared test helpers: the evaluation data, and stage servers run as real processes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """Path under ../shared/data; skips the test when it is missing, fails instead when CI=true."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        reason = f"{path} is missing: the evaluation data lives in ../shared/data beside the clone"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+def read_manifest(folder: str) -> list[dict[str, str]]:
+    """Rows of ``speech/<folder>/manifest.tsv`` (tab-separated, no quoting), with ``path`` added."""
+    base = shared_data("speech", folder)
+    with (base / "manifest.tsv").open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    for row in rows:
+        row["path"] = str(base / row["file"])
+    return rows
+
+
+def read_wav(path: str | Path) -> tuple[bytes, int]:
+    """PCM_S16LE mono bytes and sample rate of a 16-bit mono WAV file."""
+    with wave.open(str(path), "rb") as w:
+        assert w.getsampwidth() == 2 and w.getnchannels() == 1, path
+        return w.readframes(w.getnframes()), w.getframerate()
+
+
+def pcm16_to_wav(pcm: bytes, sample_rate_hz: int) -> bytes:
+    """Wraps PCM_S16LE mono bytes in a WAV container."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate_hz)
+        w.writeframes(pcm)
+    return buf.getvalue()
+
+
+def float_to_pcm16(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+@dataclass
+class ServerProcess:
+    """A stage server started as its own process (``python -m services.<stage>``) on a free port."""
+
+    stage: str
+    process: subprocess.Popen
+    address: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_s)
+
+
+def start_server(stage: str, *flags: str, timeout_s: float = 180.0, env: dict[str, str] | None = None) -> ServerProcess:
+    """Starts a stage server on port 0 and waits (bounded) until it has written its ready file."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"parley-{stage}-"))
+    ready = tmp / "ready"
+    log_path = tmp / "server.log"
+    cmd = [sys.executable, "-m", f"services.{stage}", "--port", "0", "--ready-file", str(ready), *flags]
+    log = log_path.open("wb")
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"{stage} server exited with {process.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError(f"{stage} server not ready after {timeout_s} s:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    return ServerProcess(stage, process, ready.read_text().strip(), log_path)
