@@ -28,7 +28,9 @@ def normalize(text: str, language: str) -> str:
 
 def wer(references: Sequence[str], hypotheses: Sequence[str], language: str) -> float:
     """Corpus word error rate in [0, inf) after :func:`normalize`; empty references are skipped."""
-    pairs = [(normalize(r, language), normalize(h, language)) for r, h in zip(references, hypotheses, strict=True)]
+    pairs = [
+        (normalize(r, language), normalize(h, language)) for r, h in zip(references, hypotheses, strict=True)
+    ]
     pairs = [(r, h) for r, h in pairs if r]
     return jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])
 

@@ -82,14 +82,18 @@ class ServerProcess:
         return self.process.wait(timeout=timeout_s)
 
 
-def start_server(stage: str, *flags: str, timeout_s: float = 180.0, env: dict[str, str] | None = None) -> ServerProcess:
+def start_server(
+    stage: str, *flags: str, timeout_s: float = 180.0, env: dict[str, str] | None = None
+) -> ServerProcess:
     """Starts a stage server on port 0 and waits (bounded) until it has written its ready file."""
     tmp = Path(tempfile.mkdtemp(prefix=f"parley-{stage}-"))
     ready = tmp / "ready"
     log_path = tmp / "server.log"
     cmd = [sys.executable, "-m", f"services.{stage}", "--port", "0", "--ready-file", str(ready), *flags]
     log = log_path.open("wb")
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    process = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
     deadline = time.monotonic() + timeout_s
     while not ready.exists():
         if process.poll() is not None:

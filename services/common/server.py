@@ -1,5 +1,7 @@
-"""The one way to run a stage server: load and warm the model, serve gRPC with health and reflection,
-map errors to status codes, export metrics, and drain gracefully on SIGTERM.
+"""The one way to run a stage server.
+
+Loads and warms the model, serves gRPC with health and reflection, maps errors to status codes, exports
+metrics, and drains gracefully on SIGTERM.
 
 Start-up order (grpc ``examples/python/helloworld/async_greeter_server_with_graceful_shutdown.py``):
 load and warm the engine on a worker thread, add the servicers, ``grpc.health.v1`` and reflection, start,
@@ -32,7 +34,9 @@ logger = logging.getLogger(__name__)
 C = TypeVar("C", bound=ServerConfig)
 E = TypeVar("E")
 
-REQUESTS = Counter("parley_grpc_requests", "gRPC calls handled, by method and status code.", ["method", "code"])
+REQUESTS = Counter(
+    "parley_grpc_requests", "gRPC calls handled, by method and status code.", ["method", "code"]
+)
 LATENCY = Histogram(
     "parley_grpc_request_duration_seconds",
     "Time from call start to the last response, in seconds.",
@@ -67,6 +71,7 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        """Wraps the method's handler; health and reflection pass through."""
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc."):
@@ -123,13 +128,21 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
             done(start, context)
 
         factory = (
-            grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream
+            else grpc.stream_stream_rpc_method_handler
         )
         return factory(
             stream_response,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +187,11 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (*stage.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            *stage.service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -185,9 +202,7 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = f"{config.host}:{port}"
     if config.ready_file:
-        tmp = Path(config.ready_file + ".tmp")
-        tmp.write_text(address)
-        tmp.replace(config.ready_file)
+        await asyncio.to_thread(_write_atomically, Path(config.ready_file), address)
     logger.info("%s: ready, SERVING on %s", stage.name, address)
 
     stop = stop or asyncio.Event()

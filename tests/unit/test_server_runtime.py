@@ -29,7 +29,9 @@ class FakeTranslation(translate_pb2_grpc.TranslationServicer):
             raise RuntimeError("boom")
         if request.texts[0] == "slow":
             await self.release.wait()
-        return translate_pb2.TranslateResponse(request_id=request.request_id, translations=list(request.texts))
+        return translate_pb2.TranslateResponse(
+            request_id=request.request_id, translations=list(request.texts)
+        )
 
 
 async def _start(release: asyncio.Event, stop: asyncio.Event, grace_s: float = 5.0):
@@ -45,7 +47,7 @@ async def _start(release: asyncio.Event, stop: asyncio.Event, grace_s: float = 5
     )
     task = asyncio.create_task(serve(stage, config, stop=stop))
     async with asyncio.timeout(10):
-        while not ready.exists():
+        while not ready.exists():  # noqa: ASYNC110 - the server signals readiness through a file only
             await asyncio.sleep(0.01)
     return task, ready.read_text()
 
@@ -73,11 +75,15 @@ async def test_health_reflection_and_graceful_drain():
     task, address = await _start(release, stop)
     async with grpc.aio.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        response = await health.Check(health_pb2.HealthCheckRequest(service="parley.translate.v1.Translation"))
+        response = await health.Check(
+            health_pb2.HealthCheckRequest(service="parley.translate.v1.Translation")
+        )
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        replies = reflect.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         names = [s.name async for r in replies for s in r.list_services_response.service]
         assert "parley.translate.v1.Translation" in names and "grpc.health.v1.Health" in names
 
