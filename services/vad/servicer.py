@@ -1,0 +1,153 @@
+"""``parley.vad.v1.VoiceActivityDetection``: protos to engine calls and back."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from parley.vad.v1 import vad_pb2, vad_pb2_grpc
+from services.common.audio import PCM_S16LE, PcmStream, decode_pcm
+from services.common.errors import InvalidArgument
+from services.common.inference import InferencePool
+from services.vad.config import VadConfig
+from services.vad.engine import (
+    SAMPLE_RATE_HZ,
+    Event,
+    Segment,
+    SileroVad,
+    SpeechStart,
+    StreamEndpointer,
+    VadParams,
+)
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = vad_pb2.DESCRIPTOR.services_by_name["VoiceActivityDetection"].full_name
+
+
+def resolve_params(request: vad_pb2.VadParameters, config: VadConfig) -> VadParams:
+    """Request parameters, each unset field taking the configured default.
+
+    Raises:
+        InvalidArgument: A value out of range.
+    """
+
+    def pick(name: str) -> Any:
+        return getattr(request, name) if request.HasField(name) else getattr(config, name)
+
+    return VadParams(
+        threshold=float(pick("threshold")),
+        min_speech_ms=int(pick("min_speech_ms")),
+        min_silence_ms=int(pick("min_silence_ms")),
+        speech_pad_ms=int(pick("speech_pad_ms")),
+        max_speech_s=float(pick("max_speech_s")),
+    ).validate()
+
+
+def _segment_pb(segment: Segment) -> vad_pb2.SpeechSegment:
+    return vad_pb2.SpeechSegment(
+        start_ms=segment.start_ms, end_ms=segment.end_ms, confidence=segment.confidence
+    )
+
+
+class VadServicer(vad_pb2_grpc.VoiceActivityDetectionServicer):
+    """Detect and StreamDetect on one shared :class:`SileroVad`.
+
+    Args:
+        vad: The loaded model, shared by every call.
+        config: Server configuration (parameter defaults, limits).
+        pool: Threads that run the model, off the event loop.
+    """
+
+    def __init__(self, vad: SileroVad, config: VadConfig, pool: InferencePool):
+        self._vad = vad
+        self._config = config
+        self._pool = pool
+
+    async def Detect(
+        self, request: vad_pb2.DetectRequest, context: grpc.aio.ServicerContext
+    ) -> vad_pb2.DetectResponse:
+        """Speech segments of a whole clip."""
+        params = resolve_params(request.parameters, self._config)
+        fmt = request.format
+        audio = decode_pcm(
+            request.audio,
+            fmt.encoding,
+            fmt.sample_rate_hz,
+            fmt.channels,
+            target_rate_hz=SAMPLE_RATE_HZ,
+            max_duration_s=self._config.max_audio_s,
+        )
+        segments = await self._pool.run(self._vad.detect, audio, params)
+        frame_bytes = (2 if fmt.encoding == PCM_S16LE else 4) * (fmt.channels or 1)
+        duration_s = len(request.audio) / frame_bytes / fmt.sample_rate_hz
+        return vad_pb2.DetectResponse(
+            request_id=request.request_id,
+            segments=[_segment_pb(s) for s in segments],
+            duration_s=duration_s,
+        )
+
+    async def StreamDetect(
+        self,
+        request_iterator: AsyncIterator[vad_pb2.StreamDetectRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[vad_pb2.StreamDetectResponse]:
+        """Endpointing of a live stream: SpeechStarted and SpeechEnded events as speech begins and ends."""
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        if first.WhichOneof("request") != "config":
+            raise InvalidArgument("the first StreamDetect message must be a config (StreamDetectConfig)")
+        config = first.config
+        params = resolve_params(config.parameters, self._config)
+        fmt = config.format
+        pcm = PcmStream(fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=SAMPLE_RATE_HZ)
+        endpointer = StreamEndpointer(params)
+        request_id = config.request_id
+
+        def responses(events: list[Event]) -> list[vad_pb2.StreamDetectResponse]:
+            processed_ms = round(pcm.duration_s * 1000)
+            out = []
+            for event in events:
+                if isinstance(event, SpeechStart):
+                    out.append(
+                        vad_pb2.StreamDetectResponse(
+                            request_id=request_id,
+                            speech_started=vad_pb2.SpeechStarted(start_ms=event.start_ms),
+                            audio_processed_ms=processed_ms,
+                        )
+                    )
+                else:
+                    out.append(
+                        vad_pb2.StreamDetectResponse(
+                            request_id=request_id,
+                            speech_ended=vad_pb2.SpeechEnded(segment=_segment_pb(event.segment)),
+                            audio_processed_ms=processed_ms,
+                        )
+                    )
+            return out
+
+        async for message in request_iterator:
+            if message.WhichOneof("request") != "audio":
+                raise InvalidArgument("StreamDetect takes one config, as the first message only; then audio")
+            windows = endpointer.add(pcm.push(message.audio))
+            if windows is not None:
+                probs, state = await self._pool.run(self._vad.infer, windows, endpointer.state)
+                for response in responses(endpointer.accept(probs, state)):
+                    yield response
+        tail = pcm.flush()
+        windows = endpointer.add(tail) if len(tail) else None
+        events: list[Event] = []
+        if windows is not None:
+            probs, state = await self._pool.run(self._vad.infer, windows, endpointer.state)
+            events += endpointer.accept(probs, state)
+        windows = endpointer.flush()
+        if windows is not None:
+            probs, state = await self._pool.run(self._vad.infer, windows, endpointer.state)
+            events += endpointer.accept(probs, state)
+        events += endpointer.finish()
+        for response in responses(events):
+            yield response

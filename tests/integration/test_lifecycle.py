@@ -1,0 +1,127 @@
+"""Every stage server's lifecycle as a real process: port 0, reflection, health, graceful drain on SIGTERM.
+
+To add a stage, write an ``async def start_<stage>_call(channel)`` that starts a call, waits until the server
+is working on it, and returns an awaitable that finishes the call and checks its results; then add a
+``StageCase`` row to ``CASES``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from parley.audio.v1 import audio_pb2
+from parley.vad.v1 import vad_pb2, vad_pb2_grpc
+from tests.helpers import read_manifest, read_wav, start_server
+
+pytestmark = pytest.mark.timeout(180)
+
+DRAIN_DELAY_S = 1.0
+
+InFlight = Callable[[grpc.aio.Channel], Awaitable[Awaitable[None]]]
+
+
+@dataclass(frozen=True)
+class StageCase:
+    """One stage under test.
+
+    Attributes:
+        stage: Stage name, as in ``python -m services.<stage>``.
+        service: Full proto service name, as reflection and health report it.
+        start_call: Starts an in-flight call on the channel; returns an awaitable that completes it and
+            asserts its results.
+        flags: Extra server flags.
+    """
+
+    stage: str
+    service: str
+    start_call: InFlight
+    flags: tuple[str, ...] = ()
+
+
+async def start_vad_call(channel: grpc.aio.Channel) -> Awaitable[None]:
+    """An open StreamDetect stream: half of a recording sent, speech started; the rest is sent later."""
+    pcm, rate = read_wav(read_manifest("jfk")[0]["path"])
+    call = vad_pb2_grpc.VoiceActivityDetectionStub(channel).StreamDetect()
+    fmt = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=rate, channels=1)
+    await call.write(
+        vad_pb2.StreamDetectRequest(config=vad_pb2.StreamDetectConfig(request_id="life", format=fmt))
+    )
+    half = len(pcm) // 2
+    chunk = 640
+    for start in range(0, half, chunk):
+        await call.write(vad_pb2.StreamDetectRequest(audio=pcm[start : start + chunk]))
+    first = await asyncio.wait_for(call.read(), 30)
+    assert first.WhichOneof("event") == "speech_started"
+
+    async def finish() -> None:
+        for start in range(half - half % chunk, len(pcm), chunk):
+            await call.write(vad_pb2.StreamDetectRequest(audio=pcm[start : start + chunk]))
+        await call.done_writing()
+        responses = [first]
+        while (response := await call.read()) is not grpc.aio.EOF:
+            responses.append(response)
+        assert await call.code() == grpc.StatusCode.OK
+        ended = [r.speech_ended.segment for r in responses if r.WhichOneof("event") == "speech_ended"]
+        assert len(ended) >= 2 and all(r.request_id == "life" for r in responses)
+        assert ended[-1].end_ms > len(pcm) / 2 / rate * 1000 / 2, "the second half was processed too"
+
+    return finish()
+
+
+CASES = [
+    StageCase("vad", "parley.vad.v1.VoiceActivityDetection", start_vad_call),
+]
+
+
+async def _health(channel: grpc.aio.Channel, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    response = await asyncio.wait_for(stub.Check(health_pb2.HealthCheckRequest(service=service)), 5)
+    return response.status
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.stage for c in CASES])
+async def test_start_reflect_health_and_drain_on_sigterm(case: StageCase):
+    server = start_server(case.stage, "--drain-delay-s", str(DRAIN_DELAY_S), "--grace-s", "20", *case.flags)
+    try:
+        host, port = server.address.rsplit(":", 1)
+        assert int(port) > 0
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = reflect.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            names = [s.name async for r in replies for s in r.list_services_response.service]
+            assert case.service in names and "grpc.health.v1.Health" in names
+
+            assert await _health(channel, case.service) == health_pb2.HealthCheckResponse.SERVING
+            assert await _health(channel, "") == health_pb2.HealthCheckResponse.SERVING
+
+            completion = await case.start_call(channel)
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            status = health_pb2.HealthCheckResponse.SERVING
+            while status == health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() - signalled < DRAIN_DELAY_S, "health still SERVING after SIGTERM"
+                await asyncio.sleep(0.05)
+                status = await _health(channel, case.service)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            # Finish the call only once the drain delay is over, while server.stop(grace_s) is running.
+            await asyncio.sleep(max(0.0, signalled + DRAIN_DELAY_S + 0.5 - time.monotonic()))
+            assert server.process.poll() is None, "the server exited with a call in flight"
+            await asyncio.wait_for(completion, 30)
+        returncode = await asyncio.to_thread(server.process.wait, 30)
+        assert returncode == 0, server.log()
+        assert "ready, SERVING" in server.log() and "stopped" in server.log()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
