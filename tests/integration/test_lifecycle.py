@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from parley.audio.v1 import audio_pb2
+from parley.stt.v1 import stt_pb2, stt_pb2_grpc
+from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
 from tests.helpers import read_manifest, read_wav, start_server
 
@@ -77,8 +79,73 @@ async def start_vad_call(channel: grpc.aio.Channel) -> Awaitable[None]:
     return finish()
 
 
+async def start_stt_call(channel: grpc.aio.Channel) -> Awaitable[None]:
+    """An open StreamingRecognize stream: half of a recording sent, a first interim result received."""
+    row = read_manifest("jfk")[0]
+    pcm, rate = read_wav(row["path"])
+    call = stt_pb2_grpc.SpeechToTextStub(channel).StreamingRecognize()
+    fmt = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=rate, channels=1)
+    config = stt_pb2.RecognitionConfig(language="en")
+    await call.write(
+        stt_pb2.StreamingRecognizeRequest(
+            streaming_config=stt_pb2.StreamingRecognitionConfig(
+                request_id="life", format=fmt, config=config, interim_results=True
+            )
+        )
+    )
+    half = len(pcm) // 2
+    chunk = 3200
+    for start in range(0, half, chunk):
+        await call.write(stt_pb2.StreamingRecognizeRequest(audio_content=pcm[start : start + chunk]))
+    first = await asyncio.wait_for(call.read(), 60)
+    assert first.results and not first.results[0].is_final
+
+    async def finish() -> None:
+        for start in range(half - half % chunk, len(pcm), chunk):
+            await call.write(stt_pb2.StreamingRecognizeRequest(audio_content=pcm[start : start + chunk]))
+        await call.done_writing()
+        responses = [first]
+        while (response := await call.read()) is not grpc.aio.EOF:
+            responses.append(response)
+        assert await call.code() == grpc.StatusCode.OK
+        assert all(r.request_id == "life" for r in responses)
+        finals = " ".join(r.transcript for response in responses for r in response.results if r.is_final)
+        assert "country" in finals.lower(), "the second half was processed too"
+
+    return finish()
+
+
+async def start_translate_call(channel: grpc.aio.Channel) -> Awaitable[None]:
+    """A Translate call of eight sentences on the default llm backend (seconds of work), under way."""
+    texts = [
+        "Where is the station?",
+        "I would like a ticket to Paris, please.",
+        "The train leaves at eight o'clock.",
+        "Is there a restaurant near the hotel?",
+        "My friend is waiting for me outside.",
+        "How much does this book cost?",
+        "We are going to the beach tomorrow.",
+        "Thank you very much for your help.",
+    ]
+    request = translate_pb2.TranslateRequest(
+        request_id="life", texts=texts, source_language="en", target_language="fr"
+    )
+    call = asyncio.ensure_future(translate_pb2_grpc.TranslationStub(channel).Translate(request, timeout=120))
+    await asyncio.sleep(0.5)
+    assert not call.done(), "the call should still be translating"
+
+    async def finish() -> None:
+        response = await call
+        assert response.request_id == "life" and len(response.translations) == len(texts)
+        assert all(response.translations)
+
+    return finish()
+
+
 CASES = [
     StageCase("vad", "parley.vad.v1.VoiceActivityDetection", start_vad_call),
+    StageCase("stt", "parley.stt.v1.SpeechToText", start_stt_call),
+    StageCase("translate", "parley.translate.v1.Translation", start_translate_call),
 ]
 
 

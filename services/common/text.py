@@ -1,0 +1,58 @@
+"""Text helpers shared by the stages: sentence splitting."""
+
+from __future__ import annotations
+
+import re
+
+# Terminal punctuation (Latin, CJK, Arabic, Devanagari), then any closing quotes or brackets.
+_END = re.compile(r"""[.!?\u2026\u3002\uff01\uff1f\u061f\u0964]+["'\u2019\u201d\u00bb)\]]*""")
+# Lower-cased words ending in a period that do not end a sentence (English, French, Turkish).
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st vs e.g i.e cf fig approx dept inc ltd".split()
+    + "mme mlle mm av bd p.ex cie sn bkz".split()
+)
+
+
+def _is_abbreviation(before: str) -> bool:
+    """Whether the word just before a period is an abbreviation or an initial ("J." in "J. Smith")."""
+    word = before.rsplit(None, 1)[-1] if before.strip() else ""
+    word = word.lstrip("\"'(\u201c\u00ab[").lower()
+    if len(word) == 1 and word.isalpha():
+        return True
+    return word in _ABBREVIATIONS
+
+
+def split_sentences(text: str) -> list[str]:
+    """Splits text into sentences, for sentence-by-sentence synthesis or translation.
+
+    A sentence ends at terminal punctuation (``. ! ? …`` and their CJK and Arabic forms, with any closing
+    quotes or brackets after them) followed by white space or the end of the text, and at every line break.
+    A period after a known abbreviation ("Dr.", "e.g.", "Mme.") or a single-letter initial does not end a
+    sentence; a period inside a token ("3.14", "example.com") never does. CJK full stops end a sentence even
+    without a following space.
+
+    Args:
+        text: Any text; may be empty.
+
+    Returns:
+        The sentences, stripped of surrounding white space, in order; none empty. Joining them with spaces
+        gives back the text up to white space.
+    """
+    sentences: list[str] = []
+    for line in text.splitlines():
+        start = 0
+        for match in _END.finditer(line):
+            end = match.end()
+            cjk = match.group()[0] in "\u3002\uff01\uff1f"
+            if not cjk and end < len(line) and not line[end].isspace():
+                continue
+            if match.group() == "." and _is_abbreviation(line[start : match.start()]):
+                continue
+            sentence = line[start:end].strip()
+            if sentence:
+                sentences.append(sentence)
+            start = end
+        tail = line[start:].strip()
+        if tail:
+            sentences.append(tail)
+    return sentences

@@ -1,0 +1,231 @@
+"""The translation engine: request limits, sentence splitting and rejoining, over one backend.
+
+A backend (:mod:`services.translate.ct2` or :mod:`services.translate.llm`) translates a flat list of
+sentences for one language pair. :class:`TranslationEngine` turns a request's texts into that list and
+back:
+
+* every text is split into lines, and each line into sentences (:func:`services.common.text.split_sentences`);
+  a sentence longer than ``max_sentence_chars`` is cut at white space into pieces no longer than that;
+* all sentences of all texts go to the backend in ONE call (CTranslate2 batches them itself);
+* translations are joined back: sentences with a space (no space for Chinese, Japanese and Thai
+  targets), lines with a line break. An empty or blank text comes back empty and never reaches the model.
+
+Nothing here imports grpc; errors are :mod:`services.common.errors` exceptions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from services.common.errors import InvalidArgument, ParleyError
+from services.common.resilience import Deadline
+from services.common.text import split_sentences
+from services.translate.config import Backend, LlmTransport, TranslateConfig
+
+logger = logging.getLogger(__name__)
+
+# Targets written without spaces between sentences.
+_NO_SPACE_TARGETS = frozenset({"zh", "ja", "th", "lo", "km", "my"})
+
+
+class TranslationBackend(Protocol):
+    """A model that translates sentences. Implementations: CTranslate2, llm (embedded or HTTP).
+
+    Attributes:
+        model_name: Reported in responses.
+        workers: Calls of :meth:`translate_sentences` that may run at once (threads to give it).
+    """
+
+    model_name: str
+    workers: int
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (source, target) BCP-47 pair the loaded model translates, sorted."""
+        ...
+
+    def resolve(self, source: str, target: str) -> Any:
+        """The backend's handle for a pair (its language tokens); raises InvalidArgument if unsupported."""
+        ...
+
+    def translate_sentences(self, sentences: list[str], pair: Any, deadline: Deadline) -> list[str]:
+        """Translates non-empty sentences (blocking); returns one translation per sentence, in order."""
+        ...
+
+    def close(self) -> None:
+        """Releases the model."""
+        ...
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated request, ready for :meth:`TranslationEngine.run`.
+
+    Attributes:
+        layout: Per text, per line, the number of sentences it was split into.
+        sentences: All non-empty sentences, flat, in order.
+        pair: The backend's handle for the language pair.
+        target: Target language as requested (BCP-47).
+    """
+
+    layout: list[list[int]]
+    sentences: list[str]
+    pair: Any
+    target: str
+
+
+def cut_long(sentence: str, max_chars: int) -> list[str]:
+    """Cuts a sentence into pieces of at most ``max_chars`` characters, at white space where possible.
+
+    Args:
+        sentence: Stripped, non-empty text.
+        max_chars: Longest piece, at least 1.
+
+    Returns:
+        Stripped non-empty pieces whose space-joined text is ``sentence`` up to white space.
+    """
+    pieces = []
+    rest = sentence
+    while len(rest) > max_chars:
+        cut = rest.rfind(" ", 0, max_chars + 1)
+        if cut <= 0:
+            cut = max_chars
+        pieces.append(rest[:cut].strip())
+        rest = rest[cut:].strip()
+    if rest:
+        pieces.append(rest)
+    return [p for p in pieces if p]
+
+
+class TranslationEngine:
+    """Validates requests and translates them with a backend.
+
+    Args:
+        backend: The loaded model.
+        max_texts: Most texts per request.
+        max_chars: Most characters per request, all texts together.
+        max_sentence_chars: Longest sentence handed to the model, in characters.
+    """
+
+    def __init__(self, backend: TranslationBackend, max_texts: int, max_chars: int, max_sentence_chars: int):
+        self.backend = backend
+        self.max_texts = max_texts
+        self.max_chars = max_chars
+        self.max_sentence_chars = max(1, max_sentence_chars)
+
+    @property
+    def model_name(self) -> str:
+        """Name of the loaded model."""
+        return self.backend.model_name
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (source, target) BCP-47 pair the loaded model translates."""
+        return self.backend.pairs()
+
+    def prepare(self, texts: list[str], source: str, target: str) -> Job:
+        """Checks a request and splits it into sentences; cheap, no model call.
+
+        Args:
+            texts: Texts to translate; empty strings allowed.
+            source: Source language, BCP-47.
+            target: Target language, BCP-47.
+
+        Raises:
+            InvalidArgument: No texts, too many texts or characters, a bad or unsupported language code,
+                source equal to target, or an unsupported pair.
+        """
+        if not texts:
+            raise InvalidArgument("texts is empty: send at least one text to translate")
+        if len(texts) > self.max_texts:
+            raise InvalidArgument(
+                f"{len(texts)} texts is more than the {self.max_texts} this server accepts per request: "
+                "split the request"
+            )
+        total = sum(len(t) for t in texts)
+        if total > self.max_chars:
+            raise InvalidArgument(
+                f"the texts hold {total} characters, more than the {self.max_chars} this server accepts per "
+                "request: split the request"
+            )
+        pair = self.backend.resolve(source, target)
+        layout: list[list[int]] = []
+        sentences: list[str] = []
+        for text in texts:
+            lines = []
+            for line in text.split("\n"):
+                pieces = [p for s in split_sentences(line) for p in cut_long(s, self.max_sentence_chars)]
+                lines.append(len(pieces))
+                sentences += pieces
+            layout.append(lines)
+        return Job(layout, sentences, pair, target)
+
+    def run(self, job: Job, deadline: Deadline | None = None) -> list[str]:
+        """Translates a prepared request (blocking: call it on an inference thread).
+
+        Args:
+            job: From :meth:`prepare`.
+            deadline: The caller's deadline; the backend stops early and raises DeadlineExceeded past it.
+
+        Returns:
+            One translation per text, in order; "" for an empty or blank text.
+
+        Raises:
+            ParleyError: From the backend (UNAVAILABLE, DEADLINE_EXCEEDED, ...).
+        """
+        translated: list[str] = []
+        if job.sentences:
+            translated = self.backend.translate_sentences(job.sentences, job.pair, deadline or Deadline(None))
+            if len(translated) != len(job.sentences):
+                raise ParleyError(
+                    f"backend returned {len(translated)} translations for {len(job.sentences)} sentences"
+                )
+        joiner = "" if job.target.split("-")[0].lower() in _NO_SPACE_TARGETS else " "
+        results = []
+        position = 0
+        for lines in job.layout:
+            out_lines = []
+            for count in lines:
+                out_lines.append(
+                    joiner.join(t.strip() for t in translated[position : position + count]).strip()
+                )
+                position += count
+            results.append("\n".join(out_lines).strip())
+        return results
+
+    def translate(
+        self, texts: list[str], source: str, target: str, deadline: Deadline | None = None
+    ) -> list[str]:
+        """:meth:`prepare` then :meth:`run` (blocking)."""
+        return self.run(self.prepare(texts, source, target), deadline)
+
+    def close(self) -> None:
+        """Releases the backend."""
+        self.backend.close()
+
+
+def load_backend(config: TranslateConfig) -> TranslationBackend:
+    """Loads the configured backend; heavy libraries are imported only in the branch that needs them.
+
+    Raises:
+        ValueError: A configuration that cannot work (missing model path, unknown language, ...).
+        FileNotFoundError: The model is missing.
+    """
+    if config.backend is Backend.CTRANSLATE2:
+        from services.translate.ct2 import CTranslate2Backend
+
+        return CTranslate2Backend.from_config(config)
+    if config.llm_transport is LlmTransport.HTTP:
+        from services.translate.llm import HttpChatBackend
+
+        return HttpChatBackend.from_config(config)
+    from services.translate.llm import EmbeddedLlamaBackend
+
+    return EmbeddedLlamaBackend.from_config(config)
+
+
+def load_engine(config: TranslateConfig) -> TranslationEngine:
+    """Loads the backend and wraps it with the configured request limits."""
+    backend = load_backend(config)
+    logger.info("translate: %s loaded, %d language pairs", backend.model_name, len(backend.pairs()))
+    return TranslationEngine(backend, config.max_texts, config.max_chars, config.max_sentence_chars)

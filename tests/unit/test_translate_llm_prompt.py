@@ -1,0 +1,88 @@
+"""The llm backend's fixed prompt, output cleaning and language checks (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import InvalidArgument
+from services.translate.llm import (
+    EXAMPLES,
+    LANGUAGE_NAMES,
+    EmbeddedLlamaBackend,
+    chat_messages,
+    clean_output,
+    completion_prompt,
+    max_new_tokens,
+)
+
+
+def test_completion_prompt_is_the_documented_few_shot_text():
+    prompt = completion_prompt("Good night.", "en", "fr")
+    assert prompt.startswith(
+        "Translate English to French.\n\nEnglish: Where is the train station?\nFrench: Où est"
+    )
+    assert prompt.endswith("\n\nEnglish: Good night.\nFrench:")
+    assert prompt.count("English: ") == 4 and prompt.count("French: ") == 3
+
+
+def test_chat_messages_carry_the_same_examples_as_turns():
+    messages = chat_messages("Good night.", "fr", "tr")
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+    assert "French text to Turkish" in messages[0]["content"]
+    assert messages[1]["content"] == EXAMPLES["fr"][0] and messages[2]["content"] == EXAMPLES["tr"][0]
+    assert messages[-1]["content"] == "Good night."
+
+
+def test_every_language_has_every_example():
+    assert set(EXAMPLES) == set(LANGUAGE_NAMES)
+    assert {len(v) for v in EXAMPLES.values()} == {3}
+
+
+@pytest.mark.parametrize(
+    ("raw", "source_text", "expected"),
+    [
+        (" Bonne nuit.", "Good night.", "Bonne nuit."),
+        (" Bonne nuit.\n\nEnglish: Where is it?\nFrench: Où ?", "Good night.", "Bonne nuit."),
+        ("Bonne nuit. English: next", "Good night.", "Bonne nuit."),
+        ('"Bonne nuit."', "Good night.", "Bonne nuit."),
+        ("« Bonne nuit. »", "Good night.", "Bonne nuit."),
+        ('"Bonne nuit", dit-il.', '"Good night," he said.', '"Bonne nuit", dit-il.'),
+        ("French: Bonne nuit.", "Good night.", "Bonne nuit."),
+        ("Translation: Bonne nuit.", "Good night.", "Bonne nuit."),
+        ("English: Good night.\nFrench: Bonne nuit.", "Good night.", "Bonne nuit."),
+        ("\n\n  Bonne nuit.  \nautre ligne", "Good night.", "Bonne nuit."),
+        ("", "Good night.", ""),
+    ],
+)
+def test_clean_output(raw, source_text, expected):
+    assert clean_output(raw, source_text, "en", "fr") == expected
+
+
+def test_clean_output_removes_an_echoed_prompt():
+    prompt = completion_prompt("Good night.", "en", "fr")
+    assert clean_output(prompt + " Bonne nuit.\nEnglish:", "Good night.", "en", "fr", prompt) == "Bonne nuit."
+
+
+def test_generation_budget_grows_with_the_source_and_is_capped():
+    assert max_new_tokens(10, 256) == 36
+    assert max_new_tokens(1000, 256) == 256
+    assert max_new_tokens(0, 256) == 16
+
+
+def test_languages_are_checked_against_the_prompt_examples():
+    backend = EmbeddedLlamaBackend([object()], ("en", "fr", "tr"), "m", 64)
+    assert backend.pairs() == [
+        ("en", "fr"),
+        ("en", "tr"),
+        ("fr", "en"),
+        ("fr", "tr"),
+        ("tr", "en"),
+        ("tr", "fr"),
+    ]
+    assert backend.resolve("en-GB", "fr-CA").target == "fr"
+    with pytest.raises(InvalidArgument, match="'de' is not a language of m"):
+        backend.resolve("en", "de")
+    with pytest.raises(InvalidArgument, match="both"):
+        backend.resolve("fr", "fr-FR")
+    with pytest.raises(ValueError, match="xx has no few-shot examples"):
+        EmbeddedLlamaBackend([object()], ("en", "xx"), "m", 64)
