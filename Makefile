@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help setup protos protos-check lint test bench
+.PHONY: help setup protos protos-check lint test bench up demo
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -33,3 +33,13 @@ test: $(STAMP) protos-check ## Run the test suite (unit + integration on real mo
 
 bench: $(STAMP) ## Print the benchmark figures (server vs in-process, RTF, memory)
 	$(PY) -m benchmarks.run
+
+up: $(STAMP) ## Start the five servers locally on CPU (gateway on 127.0.0.1:50051); Ctrl-C stops them
+	$(PY) -m services.cli up
+
+demo: $(STAMP) ## Local cluster: translate INPUT=file into English (default: an English sample it speaks, into French)
+	$(PY) -m services.cli demo $(if $(INPUT),--input $(INPUT)) $(if $(SOURCE),--source $(SOURCE)) $(if $(TARGET),--target $(TARGET)) --out out/demo/translated.wav
+
+.PHONY: eval
+eval: $(STAMP) ## Measure WER, chrF/BLEU, TTS round trip, subtitle rules, latency; writes docs/evaluation.md
+	$(PY) -m benchmarks.eval

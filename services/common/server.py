@@ -28,6 +28,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 from services.common.config import ServerConfig
 from services.common.errors import ParleyError
+from services.common.telemetry import server_interceptors, setup_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
 
     max_bytes = config.max_message_mb * 1024 * 1024
     server = grpc.aio.server(
-        interceptors=[StatusMappingInterceptor()],
+        interceptors=[*server_interceptors(), StatusMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
@@ -223,4 +224,9 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
 def run(stage: Stage[C, E], config: C) -> None:
     """Configures logging and serves ``stage`` in a new event loop; the body of every ``__main__``."""
     configure_logging(config.log_level)
-    asyncio.run(serve(stage, config))
+    provider = setup_tracing(stage.name)
+    try:
+        asyncio.run(serve(stage, config))
+    finally:
+        if provider is not None:
+            provider.shutdown()

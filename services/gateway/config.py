@@ -1,0 +1,55 @@
+"""Gateway settings: where the stages listen, stream limits, and the resilience policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import ServerConfig, option
+
+DEFAULT_PORTS = {"gateway": 50051, "vad": 50052, "stt": 50053, "translate": 50054, "tts": 50055}
+
+
+@dataclass(frozen=True)
+class GatewayConfig(ServerConfig):
+    """Gateway: live speech translation across the VAD, STT, translation and TTS services."""
+
+    vad_address: str = option(f"127.0.0.1:{DEFAULT_PORTS['vad']}", "host:port of the VAD server.")
+    stt_address: str = option(f"127.0.0.1:{DEFAULT_PORTS['stt']}", "host:port of the speech-to-text server.")
+    translate_address: str = option(
+        f"127.0.0.1:{DEFAULT_PORTS['translate']}", "host:port of the translation server."
+    )
+    tts_address: str = option(f"127.0.0.1:{DEFAULT_PORTS['tts']}", "host:port of the text-to-speech server.")
+    max_streams: int = option(16, "Concurrent TranslateSpeech streams; past it, RESOURCE_EXHAUSTED at once.")
+    max_buffer_s: float = option(60.0, "Audio kept per stream to cut utterances from, in seconds.")
+    max_pending_utterances: int = option(
+        4, "Utterances per stream detected but not yet sent back; past it, audio intake waits (backpressure)."
+    )
+    max_utterance_s: float = option(30.0, "Longest utterance sent to speech-to-text, in seconds.")
+    direct_to_english: bool = option(
+        True,
+        "Default mode (TRANSLATION_MODE_UNSPECIFIED) into English: Whisper's own translate task (DIRECT) "
+        "instead of STT + translation (CASCADE). Other targets always use CASCADE.",
+    )
+    interim_interval_s: float = option(
+        1.0, "With interim_results, transcribe the utterance in progress at most this often, in seconds."
+    )
+    vad_min_silence_ms: int | None = option(
+        None, "Silence that ends an utterance, in ms; empty: the VAD server's default."
+    )
+    stt_timeout_s: float = option(60.0, "Per-call timeout of speech-to-text, in seconds.")
+    translate_timeout_s: float = option(30.0, "Per-call timeout of translation, in seconds.")
+    tts_timeout_s: float = option(60.0, "Per-call timeout of text-to-speech (the whole stream), in seconds.")
+    deadline_margin_ms: float = option(
+        50.0, "Kept back from the caller's remaining deadline on each downstream call, in ms."
+    )
+    retry_max_attempts: int = option(
+        3, "Attempts per idempotent unary call (UNAVAILABLE only); 1: no retries."
+    )
+    retry_initial_backoff_ms: float = option(50.0, "Upper bound of the first retry's jittered wait, in ms.")
+    retry_max_backoff_ms: float = option(500.0, "Cap on a retry's wait, in ms.")
+    retry_budget_ratio: float = option(0.2, "Retries allowed per call (token bucket), in [0, 1].")
+    breaker_failure_threshold: int = option(3, "Consecutive failures that open a stage's circuit breaker.")
+    breaker_reset_timeout_s: float = option(3.0, "Time a breaker stays open before a probe call, in seconds.")
+    reconnect_backoff_max_ms: int = option(
+        1000, "Cap on the channel's reconnect backoff to a stage, in ms (gRPC default: 120000)."
+    )

@@ -1,0 +1,153 @@
+"""The gateway's channels to the four stages, each call guarded by deadline, retries and a breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from parley.stt.v1 import stt_pb2, stt_pb2_grpc
+from parley.translate.v1 import translate_pb2, translate_pb2_grpc
+from parley.tts.v1 import tts_pb2, tts_pb2_grpc
+from parley.vad.v1 import vad_pb2_grpc
+from services.common.resilience import (
+    CircuitBreaker,
+    Clock,
+    Deadline,
+    Guard,
+    RetryBudget,
+    RetryPolicy,
+    SystemClock,
+)
+from services.common.telemetry import client_interceptors
+from services.gateway.config import GatewayConfig
+
+STAGES = ("vad", "stt", "translate", "tts")
+
+
+def channel_options(config: GatewayConfig) -> list[tuple[str, Any]]:
+    """Channel options: message size, and a short reconnect backoff so a restarted stage is found fast."""
+    max_bytes = config.max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.initial_reconnect_backoff_ms", min(100, config.reconnect_backoff_max_ms)),
+        ("grpc.min_reconnect_backoff_ms", min(100, config.reconnect_backoff_max_ms)),
+        ("grpc.max_reconnect_backoff_ms", config.reconnect_backoff_max_ms),
+        ("grpc.enable_retries", 0),  # retries are ours (budget, deadline), not the channel's
+    ]
+
+
+class Downstream:
+    """Stubs for the four stages with one :class:`Guard` (breaker, retry budget, timeout) per stage.
+
+    Build it inside the event loop that will use it (gRPC aio channels bind to their loop).
+
+    Args:
+        config: Addresses, timeouts and the resilience policy.
+        clock: Monotonic clock for breakers and deadlines.
+        rng: Random source for retry jitter.
+        sleep: Awaitable sleep for retry backoff.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
+        self.config = config
+        self.clock = clock or SystemClock()
+        options = channel_options(config)
+        addresses = {
+            "vad": config.vad_address,
+            "stt": config.stt_address,
+            "translate": config.translate_address,
+            "tts": config.tts_address,
+        }
+        self.channels = {
+            stage: grpc.aio.insecure_channel(address, options=options, interceptors=client_interceptors())
+            for stage, address in addresses.items()
+        }
+        self.vad = vad_pb2_grpc.VoiceActivityDetectionStub(self.channels["vad"])
+        self.stt = stt_pb2_grpc.SpeechToTextStub(self.channels["stt"])
+        self.translation = translate_pb2_grpc.TranslationStub(self.channels["translate"])
+        self.tts = tts_pb2_grpc.SpeechSynthesisStub(self.channels["tts"])
+        policy = RetryPolicy(
+            max_attempts=config.retry_max_attempts,
+            initial_backoff_s=config.retry_initial_backoff_ms / 1000,
+            max_backoff_s=config.retry_max_backoff_ms / 1000,
+        )
+        timeouts = {
+            "vad": None,
+            "stt": config.stt_timeout_s,
+            "translate": config.translate_timeout_s,
+            "tts": config.tts_timeout_s,
+        }
+        self.guards = {
+            stage: Guard(
+                CircuitBreaker(
+                    stage, config.breaker_failure_threshold, config.breaker_reset_timeout_s, self.clock
+                ),
+                RetryBudget(config.retry_budget_ratio),
+                policy,
+                stage_timeout_s=timeouts[stage],
+                margin_s=config.deadline_margin_ms / 1000,
+                rng=rng,
+                sleep=sleep,
+            )
+            for stage in STAGES
+        }
+
+    async def transcribe(
+        self, request: stt_pb2.TranscribeRequest, deadline: Deadline
+    ) -> stt_pb2.TranscribeResponse:
+        """STT ``Transcribe`` (idempotent: retried on UNAVAILABLE)."""
+        return await self.guards["stt"].call(
+            lambda timeout_s: self.stt.Transcribe(request, timeout=timeout_s), deadline, idempotent=True
+        )
+
+    async def translate(
+        self, request: translate_pb2.TranslateRequest, deadline: Deadline
+    ) -> translate_pb2.TranslateResponse:
+        """Translation ``Translate`` (idempotent: retried on UNAVAILABLE)."""
+        return await self.guards["translate"].call(
+            lambda timeout_s: self.translation.Translate(request, timeout=timeout_s),
+            deadline,
+            idempotent=True,
+        )
+
+    async def synthesize_stream(
+        self, request: tts_pb2.SynthesizeRequest, deadline: Deadline
+    ) -> AsyncIterator[tts_pb2.SynthesizeStreamResponse]:
+        """TTS ``SynthesizeStream``: server-streaming, so never retried; the breaker sees its outcome."""
+        guard = self.guards["tts"]
+        timeout_s = deadline.timeout_for(guard.stage_timeout_s, guard.margin_s)
+        guard.breaker.acquire()
+        started_s = self.clock.monotonic()
+        call = self.tts.SynthesizeStream(request, timeout=timeout_s)
+        try:
+            async for response in call:
+                yield response
+        except asyncio.CancelledError:
+            guard.breaker.release()
+            call.cancel()
+            raise
+        except Exception as exc:
+            guard.record(exc, timeout_s, started_s)
+            raise
+        except BaseException:
+            # The consumer closed the generator early (GeneratorExit): no verdict on the stage.
+            guard.breaker.release()
+            call.cancel()
+            raise
+        guard.record(None, timeout_s, started_s)
+
+    async def close(self) -> None:
+        """Closes the channels (in-flight calls are cancelled)."""
+        await asyncio.gather(*(channel.close() for channel in self.channels.values()))

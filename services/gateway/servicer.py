@@ -1,0 +1,74 @@
+"""The Gateway servicer: validates the stream's first message, enforces the stream limit, runs a session."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import Gauge
+
+from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.audio import check_format
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.resilience import Deadline
+from services.gateway.config import GatewayConfig
+from services.gateway.downstream import Downstream
+from services.gateway.session import StreamSession
+
+logger = logging.getLogger(__name__)
+
+ACTIVE_STREAMS = Gauge("parley_gateway_active_streams", "TranslateSpeech streams in progress.")
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    """``parley.gateway.v1.Gateway``.
+
+    Args:
+        config: Gateway configuration (stream limit, buffers, resilience policy).
+        downstream: Guarded stubs of the four stages.
+    """
+
+    def __init__(self, config: GatewayConfig, downstream: Downstream):
+        self.config = config
+        self.downstream = downstream
+        self.active = 0
+
+    async def TranslateSpeech(
+        self,
+        request_iterator: AsyncIterator[gateway_pb2.TranslateSpeechRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[gateway_pb2.TranslateSpeechResponse]:
+        """Live speech translation; see ``gateway.proto`` and :mod:`services.gateway.session`.
+
+        Raises:
+            ResourceExhausted: ``max_streams`` streams are already open.
+            InvalidArgument: Audio before the config, a second config, an unknown encoding or a bad rate,
+                DIRECT mode into a language other than English.
+        """
+        if self.active >= self.config.max_streams:
+            raise ResourceExhausted(
+                f"the gateway serves at most {self.config.max_streams} streams at once: retry with backoff"
+            )
+        self.active += 1
+        ACTIVE_STREAMS.inc()
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None:
+                raise InvalidArgument(
+                    "the stream ended before its config: send a TranslateSpeechConfig first"
+                )
+            if first.WhichOneof("request") != "config":
+                raise InvalidArgument(
+                    "audio before the config: the first message must be a TranslateSpeechConfig"
+                )
+            fmt = first.config.input_format
+            check_format(fmt.encoding, fmt.sample_rate_hz, fmt.channels)
+            session = StreamSession(
+                self.config, self.downstream, first.config, Deadline.after(context.time_remaining())
+            )
+            async for response in session.run(request_iterator):
+                yield response
+        finally:
+            self.active -= 1
+            ACTIVE_STREAMS.dec()

@@ -1,0 +1,416 @@
+"""The gateway against scripted in-process fake stage servers: ordering, pipelining, protocol errors,
+stream limit, degradation with breakers, and deadline cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from parley.audio.v1 import audio_pb2
+from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from parley.stt.v1 import stt_pb2, stt_pb2_grpc
+from parley.translate.v1 import translate_pb2, translate_pb2_grpc
+from parley.tts.v1 import tts_pb2, tts_pb2_grpc
+from parley.vad.v1 import vad_pb2, vad_pb2_grpc
+from services.common.server import StatusMappingInterceptor
+from services.gateway.client import Collector, GatewayClient, split_pcm
+from services.gateway.config import GatewayConfig
+from services.gateway.downstream import Downstream
+from services.gateway.servicer import GatewayServicer
+
+RATE = 16000
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+class FakeVad(vad_pb2_grpc.VoiceActivityDetectionServicer):
+    """Energy endpointer: 10 ms frames above 0.05 RMS are speech; 200 ms of silence ends a segment."""
+
+    def __init__(self):
+        self.cancelled = 0
+        self.fail = False
+
+    async def StreamDetect(self, request_iterator, context):
+        if self.fail:
+            await context.read()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "vad is down")
+        first = True
+        pos = 0
+        start = None
+        silence = 0
+        pending = np.zeros(0, dtype=np.float32)
+        try:
+            async for request in request_iterator:
+                if first:
+                    first = False
+                    continue
+                pending = np.concatenate(
+                    [pending, np.frombuffer(request.audio, "<i2").astype(np.float32) / 32768]
+                )
+                while len(pending) >= 160:
+                    frame, pending = pending[:160], pending[160:]
+                    speech = float(np.sqrt(np.mean(frame**2))) > 0.05
+                    pos += 10
+                    if speech:
+                        silence = 0
+                        if start is None:
+                            start = pos - 10
+                            yield vad_pb2.StreamDetectResponse(
+                                speech_started=vad_pb2.SpeechStarted(start_ms=start), audio_processed_ms=pos
+                            )
+                    elif start is not None:
+                        silence += 10
+                        if silence >= 200:
+                            segment = vad_pb2.SpeechSegment(start_ms=start, end_ms=pos - silence)
+                            yield vad_pb2.StreamDetectResponse(
+                                speech_ended=vad_pb2.SpeechEnded(segment=segment), audio_processed_ms=pos
+                            )
+                            start, silence = None, 0
+            if start is not None:
+                segment = vad_pb2.SpeechSegment(start_ms=start, end_ms=pos)
+                yield vad_pb2.StreamDetectResponse(speech_ended=vad_pb2.SpeechEnded(segment=segment))
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+class FakeStt(stt_pb2_grpc.SpeechToTextServicer):
+    """Transcript = "words N" with N the audio's whole seconds (rounded); TRANSLATE prefixes "en:"."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.delay_s = delay_s
+        self.log: list[tuple[str, float, float]] = []
+        self.cancelled = 0
+
+    async def Transcribe(self, request, context):
+        started = time.monotonic()
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        seconds = round(len(request.audio) / 2 / RATE)
+        text = f"words {seconds}"
+        if request.config.task == stt_pb2.TRANSLATE:
+            text = "en: " + text
+        self.log.append((text, started, time.monotonic()))
+        return stt_pb2.TranscribeResponse(
+            request_id=request.request_id, text=text, language=request.config.language or "fr"
+        )
+
+
+class FakeTranslation(translate_pb2_grpc.TranslationServicer):
+    def __init__(self):
+        self.fail = False
+        self.calls = 0
+
+    async def Translate(self, request, context):
+        self.calls += 1
+        if self.fail:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "translation is down")
+        return translate_pb2.TranslateResponse(
+            request_id=request.request_id, translations=[f"T({t})" for t in request.texts]
+        )
+
+
+class FakeTts(tts_pb2_grpc.SpeechSynthesisServicer):
+    """Two sentences per text; the first text is slow to speak (to test ordering under pipelining)."""
+
+    def __init__(self, slow_first_s: float = 0.0):
+        self.slow_first_s = slow_first_s
+        self.log: list[tuple[str, float, float]] = []
+        self.fail = False
+
+    async def SynthesizeStream(self, request, context):
+        if self.fail:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "tts is down")
+        started = time.monotonic()
+        delay = self.slow_first_s if not self.log else 0.0
+        self.log.append((request.text, started, 0.0))
+        for i in range(2):
+            await asyncio.sleep(delay / 2)
+            yield tts_pb2.SynthesizeStreamResponse(
+                request_id=request.request_id,
+                audio=b"\x01\x00" * 1600,
+                format=audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=22050, channels=1),
+                sentence_index=i,
+                is_last=i == 1,
+            )
+        self.log[-1] = (request.text, started, time.monotonic())
+
+
+@dataclasses.dataclass
+class Cluster:
+    vad: FakeVad
+    stt: FakeStt
+    translation: FakeTranslation
+    tts: FakeTts
+    gateway: str
+    servicer: GatewayServicer
+
+
+async def _serve(add) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server(interceptors=[StatusMappingInterceptor()])
+    add(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def cluster(request):
+    params = getattr(request, "param", {})
+    vad, stt, tr, tts = (
+        FakeVad(),
+        FakeStt(params.get("stt_delay_s", 0.05)),
+        FakeTranslation(),
+        FakeTts(params.get("slow_first_s", 0.0)),
+    )
+    servers = []
+    addresses = {}
+    for name, servicer, add in (
+        ("vad", vad, vad_pb2_grpc.add_VoiceActivityDetectionServicer_to_server),
+        ("stt", stt, stt_pb2_grpc.add_SpeechToTextServicer_to_server),
+        ("translate", tr, translate_pb2_grpc.add_TranslationServicer_to_server),
+        ("tts", tts, tts_pb2_grpc.add_SpeechSynthesisServicer_to_server),
+    ):
+        server, address = await _serve(lambda s, servicer=servicer, add=add: add(servicer, s))
+        servers.append(server)
+        addresses[name] = address
+    config = GatewayConfig(
+        vad_address=addresses["vad"],
+        stt_address=addresses["stt"],
+        translate_address=addresses["translate"],
+        tts_address=addresses["tts"],
+        max_streams=params.get("max_streams", 4),
+        breaker_failure_threshold=2,
+        breaker_reset_timeout_s=0.5,
+        retry_initial_backoff_ms=10,
+    )
+    downstream = Downstream(config)
+    servicer = GatewayServicer(config, downstream)
+    gateway, address = await _serve(lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s))
+    servers.append(gateway)
+    yield Cluster(vad, stt, tr, tts, address, servicer)
+    await downstream.close()
+    for server in servers:
+        await server.stop(0)
+
+
+def speech(*durations_s: float, gap_s: float = 0.4) -> bytes:
+    """Bursts of noise (speech to the fake VAD) separated by silence, as PCM_S16LE 16 kHz."""
+    rng = np.random.default_rng(0)
+    parts = [np.zeros(int(0.2 * RATE), np.float32)]
+    for d in durations_s:
+        parts.append((0.3 * rng.standard_normal(int(d * RATE))).clip(-1, 1).astype(np.float32))
+        parts.append(np.zeros(int(gap_s * RATE), np.float32))
+    return (np.concatenate(parts) * 32767).astype("<i2").tobytes()
+
+
+def config(**kw) -> gateway_pb2.TranslateSpeechConfig:
+    base = dict(
+        request_id="r1",
+        source_language="fr",
+        target_language="de",
+        input_format=audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE, channels=1),
+        synthesize_speech=True,
+    )
+    base.update(kw)
+    return gateway_pb2.TranslateSpeechConfig(**base)
+
+
+async def run_stream(address, cfg, pcm, **kw) -> Collector:
+    collector = Collector()
+    async with GatewayClient(address) as client:
+        async for event in client.translate_speech(cfg, split_pcm(pcm, 50), **kw):
+            assert event.request_id == cfg.request_id
+            collector.add(event)
+    return collector
+
+
+EXPECTED_ORDER = ["speech_started", "transcript", "translation", "audio", "audio", "timings"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("cluster", [{"slow_first_s": 1.0, "stt_delay_s": 0.05}], indirect=True)
+async def test_events_stay_in_utterance_order_while_stages_pipeline(cluster):
+    result = await run_stream(cluster.gateway, config(), speech(1.0, 2.0, 3.0))
+    indices = [i for i, kind in result.events if kind != "end_of_stream"]
+    assert indices == sorted(indices)
+    for index in range(3):
+        kinds = [kind for i, kind in result.events if i == index and kind != "end_of_stream"]
+        assert kinds == EXPECTED_ORDER, (index, kinds)
+    assert [u.transcript for u in result.utterances.values()] == ["words 1", "words 2", "words 3"]
+    assert [u.translation for u in result.utterances.values()] == ["T(words 1)", "T(words 2)", "T(words 3)"]
+    assert result.events[-1] == (3, "end_of_stream") and result.end.utterances == 3
+    assert result.end.audio_duration_s == pytest.approx(0.2 + 6.0 + 3 * 0.4, abs=0.01)
+    # Pipelined: utterance 1 was transcribed while utterance 0 was still being spoken (slow TTS).
+    tts0_end = cluster.tts.log[0][2]
+    stt1_start = next(start for text, start, _ in cluster.stt.log if text == "words 2")
+    assert stt1_start < tts0_end
+    u0 = result.utterances[0]
+    assert u0.start_ms == pytest.approx(200, abs=20) and u0.end_ms == pytest.approx(1200, abs=20)
+    assert u0.timings["tts_ms"] >= 900 and u0.timings["end_of_speech_to_first_audio_ms"] > 0
+    assert len(u0.audio) == 2 * 3200
+
+
+@pytest.mark.timeout(30)
+async def test_direct_mode_uses_whisper_translate_without_the_translation_stage(cluster):
+    result = await run_stream(cluster.gateway, config(target_language="en"), speech(1.0))
+    u = result.utterances[0]
+    assert u.transcript == "words 1" and u.translation == "en: words 1"
+    assert cluster.translation.calls == 0
+
+
+@pytest.mark.timeout(30)
+async def test_transcription_only_when_no_target(cluster):
+    result = await run_stream(
+        cluster.gateway, config(target_language="", synthesize_speech=True), speech(1.0)
+    )
+    kinds = [kind for _, kind in result.events]
+    assert kinds == ["speech_started", "transcript", "timings", "end_of_stream"]
+
+
+@pytest.mark.timeout(30)
+async def test_translation_down_transcripts_still_flow_and_breaker_fails_fast(cluster):
+    cluster.translation.fail = True
+    result = await run_stream(cluster.gateway, config(), speech(1.0, 1.0, 1.0, 1.0))
+    assert [u.transcript for u in result.utterances.values()] == ["words 1"] * 4
+    for u in result.utterances.values():
+        assert [e["stage"] for e in u.errors] == ["translate"] and u.errors[0]["code"] == 14
+        assert not u.audio
+    # Threshold 2 failures (retries included): the later utterances are refused by the open breaker.
+    assert "circuit breaker open" in result.utterances[3].errors[0]["message"]
+    calls_when_open = cluster.translation.calls
+    assert calls_when_open <= 4
+    # After the reset timeout the probe succeeds and full results return.
+    cluster.translation.fail = False
+    await asyncio.sleep(0.6)
+    result = await run_stream(cluster.gateway, config(), speech(1.0))
+    assert result.utterances[0].translation == "T(words 1)" and not result.utterances[0].errors
+    assert cluster.servicer.downstream.guards["translate"].breaker.state.name == "CLOSED"
+
+
+@pytest.mark.timeout(30)
+async def test_tts_down_text_still_flows(cluster):
+    cluster.tts.fail = True
+    result = await run_stream(cluster.gateway, config(), speech(1.0))
+    u = result.utterances[0]
+    assert u.transcript == "words 1" and u.translation == "T(words 1)" and not u.audio
+    assert u.errors == [{"stage": "tts", "code": 14, "message": "tts is down"}]
+
+
+async def _expect_code(address, requests, code):
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = gateway_pb2_grpc.GatewayStub(channel).TranslateSpeech(iter(requests))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == code, err.value.details()
+        return err.value.details()
+
+
+@pytest.mark.timeout(30)
+async def test_protocol_errors_end_the_stream_with_invalid_argument_while_others_go_on(cluster):
+    audio = gateway_pb2.TranslateSpeechRequest(audio=speech(1.0))
+    cfg = gateway_pb2.TranslateSpeechRequest(config=config())
+    healthy = asyncio.create_task(run_stream(cluster.gateway, config(), speech(1.0, 1.0)))
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert "before the config" in await _expect_code(cluster.gateway, [audio], invalid)
+    assert "second config" in await _expect_code(cluster.gateway, [cfg, audio, cfg], invalid)
+    bad_format = gateway_pb2.TranslateSpeechRequest(
+        config=config(input_format=audio_pb2.AudioFormat(encoding=7, sample_rate_hz=RATE))
+    )
+    assert "unknown audio encoding" in await _expect_code(cluster.gateway, [bad_format], invalid)
+    direct_fr = gateway_pb2.TranslateSpeechRequest(
+        config=config(mode=gateway_pb2.DIRECT, target_language="fr")
+    )
+    assert "English only" in await _expect_code(cluster.gateway, [direct_fr], invalid)
+    assert "before its config" in await _expect_code(cluster.gateway, [], invalid)
+    result = await asyncio.wait_for(healthy, 20)
+    assert [u.translation for u in result.utterances.values()] == ["T(words 1)"] * 2
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("cluster", [{"max_streams": 1}], indirect=True)
+async def test_past_max_streams_resource_exhausted_at_once(cluster):
+    release = asyncio.Event()
+
+    async def held():
+        yield gateway_pb2.TranslateSpeechRequest(config=config())
+        await release.wait()
+
+    async with grpc.aio.insecure_channel(cluster.gateway) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        first = stub.TranslateSpeech(held())
+        for _ in range(500):
+            if cluster.servicer.active:
+                break
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        second = stub.TranslateSpeech(iter([gateway_pb2.TranslateSpeechRequest(config=config())]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in second:
+                pass
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - started < 0.5
+        release.set()
+        events = [e async for e in first]
+        assert events[-1].WhichOneof("event") == "end_of_stream"
+    assert cluster.servicer.active == 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("cluster", [{"stt_delay_s": 5.0}], indirect=True)
+async def test_short_deadline_ends_the_call_and_cancels_downstream_work(cluster):
+    pcm = speech(10.0)  # sent at once: the fake VAD ends the utterance when the stream half-closes
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await run_stream(cluster.gateway, config(), pcm, timeout_s=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 1.0
+    # No stage keeps working on it: the STT call (its own timeout was the remaining deadline) is cancelled.
+    for _ in range(100):
+        if cluster.stt.cancelled and cluster.servicer.active == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert cluster.stt.cancelled >= 1 and not cluster.stt.log
+    assert cluster.servicer.active == 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("cluster", [{"stt_delay_s": 0.3}], indirect=True)
+async def test_interim_transcripts_precede_the_final_one(cluster):
+    cluster.servicer.config = dataclasses.replace(cluster.servicer.config, interim_interval_s=0.3)
+
+    async def realtime():
+        for chunk in split_pcm(speech(2.5), 100):
+            yield chunk
+            await asyncio.sleep(0.1)
+
+    collector = Collector()
+    async with GatewayClient(cluster.gateway) as client:
+        async for event in client.translate_speech(config(interim_results=True), realtime()):
+            collector.add(event)
+    kinds = [kind for _, kind in collector.events]
+    finals = [i for i, k in enumerate(kinds) if k == "transcript"]
+    assert len(finals) >= 2, kinds
+    assert collector.utterances[0].interim and collector.utterances[0].transcript == "words 2"
+
+
+@pytest.mark.timeout(30)
+async def test_vad_down_reports_an_error_event_and_the_stream_still_ends_cleanly(cluster):
+    cluster.vad.fail = True
+    result = await run_stream(cluster.gateway, config(), speech(1.0, 1.0))
+    errors = [e for u in result.utterances.values() for e in u.errors]
+    # UNAVAILABLE as sent; grpc-core may report INTERNAL instead when the abort races the client's write.
+    assert [e["stage"] for e in errors] == ["vad"] and errors[0]["code"] in (13, 14)
+    assert result.events[-1][1] == "end_of_stream"
+    cluster.vad.fail = False
+    await asyncio.sleep(0.6)  # breaker reset timeout
+    result = await run_stream(cluster.gateway, config(), speech(1.0, 1.0))
+    assert [u.translation for u in result.utterances.values()] == ["T(words 1)"] * 2
