@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 
-# Terminal punctuation (Latin, CJK, Arabic, Devanagari), then any closing quotes or brackets.
-_END = re.compile(r"""[.!?\u2026\u3002\uff01\uff1f\u061f\u0964]+["'\u2019\u201d\u00bb)\]]*""")
+# Terminal punctuation (Latin, CJK, Arabic, Devanagari), then any closing quotes or brackets, then a French
+# closing guillemet after a (no-break) space.
+_END = re.compile(
+    r"""[.!?\u2026\u3002\uff01\uff1f\u061f\u0964]+["'\u2019\u201d\u00bb)\]]*(?:[ \u00a0\u202f]\u00bb)?"""
+)
 # Lower-cased words ending in a period that do not end a sentence (English, French, Turkish).
 _ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st vs e.g i.e cf fig approx dept inc ltd".split()
@@ -29,7 +32,8 @@ def split_sentences(text: str) -> list[str]:
     quotes or brackets after them) followed by white space or the end of the text, and at every line break.
     A period after a known abbreviation ("Dr.", "e.g.", "Mme.") or a single-letter initial does not end a
     sentence; a period inside a token ("3.14", "example.com") never does. CJK full stops end a sentence even
-    without a following space.
+    without a following space. A closing guillemet after a space ("non. »") stays with its sentence; a
+    piece with no letter or digit ("...") joins its neighbour.
 
     Args:
         text: Any text; may be empty.
@@ -48,11 +52,17 @@ def split_sentences(text: str) -> list[str]:
                 continue
             if match.group() == "." and _is_abbreviation(line[start : match.start()]):
                 continue
-            sentence = line[start:end].strip()
-            if sentence:
-                sentences.append(sentence)
+            _append(sentences, line[start:end].strip())
             start = end
-        tail = line[start:].strip()
-        if tail:
-            sentences.append(tail)
+        _append(sentences, line[start:].strip())
     return sentences
+
+
+def _append(sentences: list[str], sentence: str) -> None:
+    """Appends a sentence; a piece without a letter or digit ("...") is joined to its neighbour."""
+    if not sentence:
+        return
+    if sentences and not (any(ch.isalnum() for ch in sentence) and any(ch.isalnum() for ch in sentences[-1])):
+        sentences[-1] += " " + sentence
+    else:
+        sentences.append(sentence)

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
+from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
 from tests.helpers import read_manifest, read_wav, start_server
 
@@ -142,10 +143,37 @@ async def start_translate_call(channel: grpc.aio.Channel) -> Awaitable[None]:
     return finish()
 
 
+async def start_tts_call(channel: grpc.aio.Channel) -> Awaitable[None]:
+    """A SynthesizeStream of ten sentences (seconds of Piper work), its first sentence received."""
+    sentences = [
+        f"This is sentence number {n}, spoken slowly so that the stream takes a while." for n in range(12)
+    ]
+    request = tts_pb2.SynthesizeRequest(request_id="life", text=" ".join(sentences), language="en")
+    call = tts_pb2_grpc.SpeechSynthesisStub(channel).SynthesizeStream(request, timeout=120)
+    first = await asyncio.wait_for(call.read(), 60)
+    assert first.sentence_index == 0 and not first.is_last
+
+    async def finish() -> None:
+        responses = [first]
+        while (response := await call.read()) is not grpc.aio.EOF:
+            responses.append(response)
+        assert await call.code() == grpc.StatusCode.OK
+        assert [r.sentence_index for r in responses] == list(range(len(sentences)))
+        assert responses[-1].is_last and all(r.request_id == "life" and r.audio for r in responses)
+
+    return finish()
+
+
 CASES = [
     StageCase("vad", "parley.vad.v1.VoiceActivityDetection", start_vad_call),
     StageCase("stt", "parley.stt.v1.SpeechToText", start_stt_call),
     StageCase("translate", "parley.translate.v1.Translation", start_translate_call),
+    StageCase(
+        "tts",
+        "parley.tts.v1.SpeechSynthesis",
+        start_tts_call,
+        ("--espeak-languages", "fr", "--grace-s", "60"),
+    ),
 ]
 
 
