@@ -1,0 +1,95 @@
+"""Configuration of the speech-to-text server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import ServerConfig, option
+
+# Whisper's best-known hallucinations on silence and noise: subtitle credits and video outros learnt from
+# the web captions it was trained on. Matched on normalised text (see services.stt.filters).
+DEFAULT_HALLUCINATION_PHRASES = (
+    "merci d'avoir regardé",
+    "sous-titres réalisés par",
+    "sous-titrage",
+    "amara.org",
+    "thanks for watching",
+    "thank you for watching",
+    "subtitles by",
+    "please subscribe",
+    "like and subscribe",
+)
+
+
+@dataclass(frozen=True)
+class SttConfig(ServerConfig):
+    """Speech-to-text server: Whisper through faster-whisper (CTranslate2), with Silero VAD endpointing."""
+
+    model: str = option(
+        "base",
+        "Whisper model: 'base' (bundled, multilingual), 'tiny.en' (bundled, English only), a directory "
+        "holding a CTranslate2 Whisper model, or a faster-whisper hub name already in the local "
+        "Hugging Face cache (nothing is downloaded).",
+    )
+    device: str = option("cpu", "CTranslate2 device: cpu or cuda.")
+    device_index: int = option(0, "CTranslate2 device index (GPU number when device is cuda).")
+    compute_type: str = option(
+        "auto",
+        "CTranslate2 compute type (int8, int8_float16, float16, float32, ...); auto: int8 on CPU, "
+        "float16 on CUDA where the runtime supports it, else int8.",
+    )
+    cpu_threads: int = option(
+        0, "CTranslate2 threads per worker on CPU; 0: the machine's cores divided by num_workers."
+    )
+    num_workers: int = option(
+        1, "Model calls run at once (CTranslate2 inter_threads; the weights are shared between them)."
+    )
+    beam_size: int = option(
+        5,
+        "Default beam size when a request leaves it at 0. 5 (Whisper's own default): on a 5 s utterance "
+        "it cost about a tenth more CPU time than greedy decoding (1.82 s vs 1.66 s in process, CPU, int8, "
+        "2 threads) since the encoder's padded 30 s window dominates; kept for the accuracy of Whisper's "
+        "reference decoding (benchmarks/bench_stt.py).",
+    )
+    max_audio_s: float = option(300.0, "Longest audio accepted by Transcribe, in seconds.")
+    vad_filter: bool = option(
+        True, "Drop non-speech with Silero VAD before decoding when a request leaves vad_filter unset."
+    )
+    no_speech_threshold: float = option(
+        0.6,
+        "Hallucination gate (Whisper paper): drop a segment whose no-speech probability is above this "
+        "AND whose mean token log probability is below log_prob_threshold.",
+    )
+    log_prob_threshold: float = option(
+        -1.0, "Mean token log probability (natural log) below which the no-speech gate may drop a segment."
+    )
+    compression_ratio_threshold: float = option(
+        2.4,
+        "Hallucination gate: drop a segment whose gzip compression ratio is above this (repetition loops).",
+    )
+    hallucination_phrases: tuple[str, ...] = option(
+        DEFAULT_HALLUCINATION_PHRASES,
+        "Phrases Whisper invents on silence, comma-separated; a segment made mostly of them is dropped "
+        "(matched ignoring case, accents and punctuation). Empty to disable.",
+    )
+    interim_interval_s: float = option(
+        1.0,
+        "Streaming: an interim result re-transcribes the utterance after this much new audio, in s.",
+    )
+    interim_beam_size: int = option(1, "Streaming: beam size of interim results (greedy is cheapest).")
+    vad_threshold: float = option(
+        0.5, "Streaming endpointing: Silero speech probability at or above which a 32 ms window is speech."
+    )
+    endpoint_silence_ms: int = option(
+        700, "Streaming endpointing: silence after speech that ends an utterance, in milliseconds."
+    )
+    min_speech_ms: int = option(
+        200, "Streaming endpointing: utterances with less speech than this are ignored, in milliseconds."
+    )
+    speech_pad_ms: int = option(
+        300, "Streaming endpointing: audio kept before speech starts and after it ends, in milliseconds."
+    )
+    max_utterance_s: float = option(
+        30.0, "Streaming: an utterance this long is finalised even without a pause (Whisper's window), in s."
+    )
+    max_streams: int = option(64, "Streaming calls served at once; more are refused with RESOURCE_EXHAUSTED.")

@@ -1,0 +1,290 @@
+"""``parley.stt.v1.SpeechToText``: proto <-> engine, for whole clips and for streams.
+
+Errors are raised as :mod:`services.common.errors` exceptions; the shared interceptor maps them to status
+codes. Model calls run on an :class:`InferencePool` with ``num_workers`` threads; streaming VAD runs on a
+pool of its own so endpointing never waits behind a long transcription.
+
+Streaming: a reader task moves incoming messages into a bounded queue (its bound is the back-pressure on a
+client that sends faster than the server decodes). The main loop takes everything queued at once, runs the
+VAD on it, finalises the utterances that ended, then sends at most one interim result for the utterance
+in progress. When decoding falls behind, interim results are therefore skipped rather than queued, and
+finals are never delayed by interims that are already stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from parley.stt.v1 import stt_pb2, stt_pb2_grpc
+from services.common.audio import PcmStream, decode_pcm
+from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.common.inference import InferencePool
+from services.stt.config import SttConfig
+from services.stt.endpointing import EndpointParams, Utterance, UtteranceTracker
+from services.stt.engine import DecodeOptions, Segment, Transcript, WhisperEngine
+from services.stt.filters import stability
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+_QUEUE_MESSAGES = 256
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def _segment_pb(segment: Segment, offset_ms: int = 0) -> stt_pb2.Segment:
+    return stt_pb2.Segment(
+        start_ms=offset_ms + _ms(segment.start_s),
+        end_ms=offset_ms + _ms(segment.end_s),
+        text=segment.text,
+        avg_logprob=segment.avg_logprob,
+        no_speech_prob=segment.no_speech_prob,
+        compression_ratio=segment.compression_ratio,
+        words=[
+            stt_pb2.Word(
+                start_ms=offset_ms + _ms(w.start_s),
+                end_ms=offset_ms + _ms(w.end_s),
+                word=w.word,
+                probability=w.probability,
+            )
+            for w in segment.words
+        ],
+    )
+
+
+def _check_deadline(context: grpc.aio.ServicerContext) -> None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("the call's deadline passed before the audio could be decoded")
+
+
+class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
+    """Serves ``Transcribe`` and ``StreamingRecognize`` from one :class:`WhisperEngine`.
+
+    Args:
+        engine: The loaded, warmed engine.
+        config: Server settings (defaults, endpointing, limits).
+    """
+
+    def __init__(self, engine: WhisperEngine, config: SttConfig):
+        self._engine = engine
+        self._config = config
+        self._pool = InferencePool("stt-whisper", config.num_workers)
+        self._vad_pool = InferencePool("stt-vad", 2)
+        self._endpoint = EndpointParams(
+            threshold=config.vad_threshold,
+            endpoint_silence_ms=config.endpoint_silence_ms,
+            min_speech_ms=config.min_speech_ms,
+            speech_pad_ms=config.speech_pad_ms,
+            max_utterance_s=config.max_utterance_s,
+        )
+        self._streams = 0
+
+    def close(self) -> None:
+        """Waits for running model calls, then stops the worker threads."""
+        self._pool.close()
+        self._vad_pool.close()
+
+    def _options(self, config: stt_pb2.RecognitionConfig) -> DecodeOptions:
+        return self._engine.options(
+            language=config.language,
+            translate=config.task == stt_pb2.TRANSLATE,
+            beam_size=config.beam_size,
+            word_timestamps=config.word_timestamps,
+            initial_prompt=config.initial_prompt,
+            hotwords=config.hotwords,
+            vad_filter=config.vad_filter if config.HasField("vad_filter") else None,
+        )
+
+    async def Transcribe(  # noqa: N802 - generated gRPC method name
+        self, request: stt_pb2.TranscribeRequest, context: grpc.aio.ServicerContext
+    ) -> stt_pb2.TranscribeResponse:
+        """Transcribes (or translates) one clip.
+
+        Raises:
+            InvalidArgument: Empty or malformed audio, a bad format, audio longer than ``max_audio_s``, an
+                unknown language, or a language or task the model cannot do.
+            DeadlineExceeded: The deadline passed before decoding started.
+        """
+        options = self._options(request.config)
+        fmt = request.format
+        audio = await asyncio.to_thread(
+            decode_pcm,
+            request.audio,
+            fmt.encoding,
+            fmt.sample_rate_hz,
+            fmt.channels,
+            target_rate_hz=self._engine.sample_rate_hz,
+            max_duration_s=self._config.max_audio_s,
+        )
+        _check_deadline(context)
+        result: Transcript = await self._pool.run(self._engine.transcribe, audio, options)
+        return stt_pb2.TranscribeResponse(
+            request_id=request.request_id,
+            text=result.text,
+            language=result.language,
+            language_probability=result.language_probability,
+            duration_s=result.duration_s,
+            segments=[_segment_pb(s) for s in result.segments],
+            dropped_segments=[_segment_pb(s) for s in result.dropped],
+        )
+
+    async def StreamingRecognize(  # noqa: N802 - generated gRPC method name
+        self,
+        request_iterator: AsyncIterator[stt_pb2.StreamingRecognizeRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[stt_pb2.StreamingRecognizeResponse]:
+        """Recognises a stream: a ``streaming_config`` first, then ``audio_content`` chunks of any size.
+
+        Yields interim results (``is_final`` false, with a stability) when ``interim_results`` is set, and
+        one final result per utterance, at its endpoint or at the end of the stream.
+
+        Raises:
+            InvalidArgument: No config first, a second config, a bad format or language, NaN audio.
+            ResourceExhausted: ``max_streams`` streams are already being served.
+        """
+        if self._streams >= self._config.max_streams:
+            raise ResourceExhausted(
+                f"this server already serves {self._config.max_streams} streams: retry later, with backoff"
+            )
+        self._streams += 1
+        try:
+            async for response in self._recognize(request_iterator, context):
+                yield response
+        finally:
+            self._streams -= 1
+
+    async def _recognize(
+        self,
+        request_iterator: AsyncIterator[stt_pb2.StreamingRecognizeRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[stt_pb2.StreamingRecognizeResponse]:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("streaming_request") != "streaming_config":
+            raise InvalidArgument(
+                "the first message of StreamingRecognize must be a streaming_config (format and recognition "
+                "config); send audio_content only after it"
+            )
+        streaming = first.streaming_config
+        options = self._options(streaming.config)
+        interim_options = dataclasses.replace(
+            options,
+            beam_size=self._config.interim_beam_size,
+            word_timestamps=False,
+            temperature_fallback=False,
+        )
+        fmt = streaming.format
+        pcm = PcmStream(
+            fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=self._engine.sample_rate_hz
+        )
+        tracker = UtteranceTracker(self._engine.vad_stream(), self._endpoint)
+        interval = max(1, int(self._config.interim_interval_s * self._engine.sample_rate_hz))
+        queue: asyncio.Queue = asyncio.Queue(maxsize=_QUEUE_MESSAGES)
+        reader = asyncio.create_task(self._read(requests, queue))
+        public_index: dict[int, int] = {}
+        previous_interim: dict[int, str] = {}
+
+        def response(result: stt_pb2.StreamingRecognitionResult) -> stt_pb2.StreamingRecognizeResponse:
+            return stt_pb2.StreamingRecognizeResponse(
+                request_id=streaming.request_id, results=[result], audio_processed_s=pcm.duration_s
+            )
+
+        try:
+            ended = False
+            while not ended:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                chunks = []
+                for item in items:
+                    if item is _END:
+                        ended = True
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        chunks.append(item)
+                parts = [pcm.push(b"".join(chunks))] if chunks else []
+                if ended:
+                    parts.append(pcm.flush())
+                samples = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+                utterances = await self._vad_pool.run(tracker.push, samples) if len(samples) else []
+                if ended:
+                    utterances += tracker.finish()
+                for utterance in utterances:
+                    _check_deadline(context)
+                    transcript = await self._pool.run(self._engine.transcribe, utterance.audio, options)
+                    if not transcript.text and utterance.index not in public_index:
+                        continue  # nothing was said and nothing was shown: no result
+                    index = public_index.setdefault(utterance.index, len(public_index))
+                    yield response(self._final(index, utterance, transcript))
+                if streaming.interim_results and not ended:
+                    current = tracker.interim(interval)
+                    if current is None:
+                        continue
+                    _check_deadline(context)
+                    transcript = await self._pool.run(self._engine.transcribe, current.audio, interim_options)
+                    if not transcript.text:
+                        continue
+                    index = public_index.setdefault(current.index, len(public_index))
+                    score = stability(previous_interim.get(current.index), transcript.text)
+                    previous_interim[current.index] = transcript.text
+                    yield response(
+                        stt_pb2.StreamingRecognitionResult(
+                            transcript=transcript.text,
+                            is_final=False,
+                            stability=score,
+                            utterance_index=index,
+                            start_ms=current.start_ms,
+                            end_ms=current.end_ms,
+                            language=transcript.language,
+                        )
+                    )
+        finally:
+            reader.cancel()
+
+    @staticmethod
+    def _final(
+        index: int, utterance: Utterance, transcript: Transcript
+    ) -> stt_pb2.StreamingRecognitionResult:
+        return stt_pb2.StreamingRecognitionResult(
+            transcript=transcript.text,
+            is_final=True,
+            stability=1.0,
+            utterance_index=index,
+            start_ms=utterance.start_ms,
+            end_ms=utterance.end_ms,
+            language=transcript.language,
+            segments=[_segment_pb(s, utterance.start_ms) for s in transcript.segments],
+        )
+
+    @staticmethod
+    async def _read(requests: AsyncIterator[stt_pb2.StreamingRecognizeRequest], queue: asyncio.Queue) -> None:
+        """Moves audio chunks into ``queue``, then ``_END``; puts the error instead on a bad message."""
+        try:
+            async for message in requests:
+                kind = message.WhichOneof("streaming_request")
+                if kind == "audio_content":
+                    await queue.put(message.audio_content)
+                elif kind == "streaming_config":
+                    raise InvalidArgument(
+                        "streaming_config was sent again: send it once, as the first message, then only "
+                        "audio_content"
+                    )
+                else:
+                    raise InvalidArgument(
+                        "a StreamingRecognizeRequest carried neither streaming_config nor audio"
+                    )
+            await queue.put(_END)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the main loop, which raises it in order
+            await queue.put(exc)
