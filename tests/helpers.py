@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.cli import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -92,7 +94,12 @@ def start_server(
     cmd = [sys.executable, "-m", f"services.{stage}", "--port", "0", "--ready-file", str(ready), *flags]
     log = log_path.open("wb")
     process = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        cmd,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        preexec_fn=die_with_parent,  # a killed test run leaves no orphaned server
     )
     deadline = time.monotonic() + timeout_s
     while not ready.exists():
