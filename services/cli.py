@@ -5,6 +5,7 @@
 - ``parley health HOST:PORT [--service NAME]``: exit code 0 only when the server reports SERVING.
 - ``parley translate-speech INPUT --source fr --target en``: streams an audio file through the gateway.
 - ``parley demo [--input FILE]``: starts a cluster, translates a sample it makes itself, stops the cluster.
+- ``parley subtitles INPUT --target en [-o out.srt] [--vtt out.vtt]``: subtitles for an audio or video file.
 
 This is a command-line tool: it writes its results to stdout on purpose (``sys.stdout.write``).
 """
@@ -494,12 +495,19 @@ def _demo(argv: Sequence[str]) -> int:
                 cluster.stop()
 
 
+def _subtitles(argv: Sequence[str]) -> int:
+    from services.gateway.subtitles_cli import main as run
+
+    return run(argv)
+
+
 COMMANDS = {
     "serve": _serve,
     "up": _up,
     "health": _health,
     "translate-speech": _translate_speech,
     "demo": _demo,
+    "subtitles": _subtitles,
 }
 
 

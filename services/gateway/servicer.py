@@ -14,6 +14,7 @@ from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.resilience import Deadline
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import Downstream
+from services.gateway.file_job import FileTranslator
 from services.gateway.session import StreamSession
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.config = config
         self.downstream = downstream
         self.active = 0
+        self.files = FileTranslator(downstream.vad, downstream.stt, downstream.translation)
 
     async def TranslateSpeech(
         self,
@@ -72,3 +74,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         finally:
             self.active -= 1
             ACTIVE_STREAMS.dec()
+
+    async def TranslateFile(
+        self,
+        request_iterator: AsyncIterator[gateway_pb2.TranslateFileRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[gateway_pb2.TranslateFileResponse]:
+        """Subtitles for a whole recording; see ``gateway.proto`` and :mod:`services.gateway.file_job`."""
+        async for response in self.files.serve(request_iterator, Deadline.after(context.time_remaining())):
+            yield response

@@ -1,8 +1,11 @@
 """``parley.stt.v1.SpeechToText``: proto <-> engine, for whole clips and for streams.
 
 Errors are raised as :mod:`services.common.errors` exceptions; the shared interceptor maps them to status
-codes. Model calls run on an :class:`InferencePool` with ``num_workers`` threads; streaming VAD runs on a
-pool of its own so endpointing never waits behind a long transcription.
+codes. Whisper calls go through the dynamic batcher as an instance group
+(:class:`~services.common.inference.BatchedPool`, ``num_workers`` threads, batches of one) in priority
+order: streaming finals first, then interim results, then Transcribe; a call still queued when its
+deadline passes is never made. Streaming VAD runs on a pool of its own so endpointing never waits behind
+a long transcription.
 
 Streaming: a reader task moves incoming messages into a bounded queue (its bound is the back-pressure on a
 client that sends faster than the server decodes). The main loop takes everything queued at once, runs the
@@ -24,7 +27,7 @@ import numpy as np
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import PcmStream, decode_pcm
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from services.common.inference import InferencePool
+from services.common.inference import BatchedPool, InferencePool
 from services.stt.config import SttConfig
 from services.stt.endpointing import EndpointParams, Utterance, UtteranceTracker
 from services.stt.engine import DecodeOptions, Segment, Transcript, WhisperEngine
@@ -34,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 _END = object()
 _QUEUE_MESSAGES = 256
+# Batcher levels of Whisper calls: a stream's final result, its interim results, then whole clips.
+_FINAL_PRIORITY, _INTERIM_PRIORITY, _TRANSCRIBE_PRIORITY = 0, 1, 2
+_LEVELS = 3
 
 
 def _ms(seconds: float) -> int:
@@ -77,7 +83,7 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
     def __init__(self, engine: WhisperEngine, config: SttConfig):
         self._engine = engine
         self._config = config
-        self._pool = InferencePool("stt-whisper", config.num_workers)
+        self._pool = BatchedPool("stt-whisper", config.num_workers, priority_levels=_LEVELS)
         self._vad_pool = InferencePool("stt-vad", 2)
         self._endpoint = EndpointParams(
             threshold=config.vad_threshold,
@@ -126,7 +132,13 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
             max_duration_s=self._config.max_audio_s,
         )
         _check_deadline(context)
-        result: Transcript = await self._pool.run(self._engine.transcribe, audio, options)
+        result: Transcript = await self._pool.submit(
+            self._engine.transcribe,
+            audio,
+            options,
+            timeout_s=context.time_remaining(),
+            priority=_TRANSCRIBE_PRIORITY,
+        )
         return stt_pb2.TranscribeResponse(
             request_id=request.request_id,
             text=result.text,
@@ -221,7 +233,13 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
                     utterances += tracker.finish()
                 for utterance in utterances:
                     _check_deadline(context)
-                    transcript = await self._pool.run(self._engine.transcribe, utterance.audio, options)
+                    transcript = await self._pool.submit(
+                        self._engine.transcribe,
+                        utterance.audio,
+                        options,
+                        timeout_s=context.time_remaining(),
+                        priority=_FINAL_PRIORITY,
+                    )
                     if not transcript.text and utterance.index not in public_index:
                         continue  # nothing was said and nothing was shown: no result
                     index = public_index.setdefault(utterance.index, len(public_index))
@@ -231,7 +249,13 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
                     if current is None:
                         continue
                     _check_deadline(context)
-                    transcript = await self._pool.run(self._engine.transcribe, current.audio, interim_options)
+                    transcript = await self._pool.submit(
+                        self._engine.transcribe,
+                        current.audio,
+                        interim_options,
+                        timeout_s=context.time_remaining(),
+                        priority=_INTERIM_PRIORITY,
+                    )
                     if not transcript.text:
                         continue
                     index = public_index.setdefault(current.index, len(public_index))

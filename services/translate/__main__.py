@@ -3,40 +3,77 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import grpc
 
 from parley.translate.v1 import translate_pb2_grpc
+from services.common.batching import DynamicBatcher
 from services.common.config import load_config
-from services.common.inference import InferencePool
 from services.common.server import Stage, run
-from services.translate.config import TranslateConfig
-from services.translate.engine import TranslationEngine, load_engine
+from services.translate.config import Backend, LlmTransport, TranslateConfig
+from services.translate.engine import SentenceItem, TranslationEngine, batch_key, load_engine
 from services.translate.servicer import SERVICE_NAME, TranslationServicer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class TranslateRuntime:
-    """The loaded engine and the threads that call it (as many as the backend can serve at once)."""
+    """The loaded engine and the dynamic batcher that feeds its model instances."""
 
     engine: TranslationEngine
-    pool: InferencePool
+    batcher: DynamicBatcher[SentenceItem, str]
+
+
+def batcher_for(engine: TranslationEngine, config: TranslateConfig) -> DynamicBatcher[SentenceItem, str]:
+    """The dynamic batcher over the engine's model instances.
+
+    ``instance_count`` 0 takes the backend's own count. The embedded llm runs batches of one: it generates
+    one sequence at a time, so a larger batch would only make a high-priority sentence wait for the whole
+    batch.
+
+    Raises:
+        ValueError: Invalid batching settings, or an ``instance_count`` the embedded llm cannot run.
+    """
+    fns = engine.batch_fns(config.instance_count)
+    count = len(fns)
+    embedded = config.backend is Backend.LLM and config.llm_transport is LlmTransport.EMBEDDED
+    batch_size = 1 if embedded else config.max_batch_size
+    settings = dataclasses.replace(
+        config,
+        instance_count=count,
+        max_batch_size=batch_size,
+        preferred_batch_sizes=tuple(p for p in config.preferred_batch_sizes if p <= batch_size),
+    )
+    logger.info(
+        "translate: batching up to %d sentences, %.1f ms queue delay, %d instance(s), %d priority levels",
+        batch_size,
+        config.max_queue_delay_ms,
+        count,
+        config.priority_levels,
+    )
+    return DynamicBatcher("translate", fns, settings, batch_key=batch_key)
 
 
 def _load(config: TranslateConfig) -> TranslateRuntime:
     engine = load_engine(config)
-    return TranslateRuntime(engine, InferencePool("translate", engine.backend.workers))
+    try:
+        return TranslateRuntime(engine, batcher_for(engine, config))
+    except BaseException:
+        engine.close()
+        raise
 
 
 def _add_servicers(server: grpc.aio.Server, runtime: TranslateRuntime, config: TranslateConfig) -> None:
     translate_pb2_grpc.add_TranslationServicer_to_server(
-        TranslationServicer(runtime.engine, runtime.pool), server
+        TranslationServicer(runtime.engine, runtime.batcher), server
     )
 
 
 def _close(runtime: TranslateRuntime) -> None:
-    runtime.pool.close()
+    runtime.batcher.close(drain=True)
     runtime.engine.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from services.common.batching import BatchingConfig
 from services.common.config import ServerConfig, option
 
 
@@ -23,14 +24,36 @@ class LlmTransport(enum.Enum):
 
 
 @dataclass(frozen=True)
-class TranslateConfig(ServerConfig):
+class TranslateConfig(BatchingConfig, ServerConfig):
     """Translation server: CTranslate2 (NLLB-200, M2M100, Marian/OPUS-MT) or a language model.
 
     The default is the ``llm`` backend with the bundled Gemma 3 270M run in-process by llama.cpp, which
     needs no GPU and no download. For production quality use ``--backend ctranslate2 --model-path DIR``
     with a converted NLLB-200 or OPUS-MT model, or ``--llm-transport http`` against a vLLM or llama.cpp
     server on a GPU host.
+
+    Sentences of concurrent requests go through one dynamic batcher (:class:`BatchingConfig`): the batch
+    items are sentences, a batch holds one language pair, and a request's ``priority`` (1 highest) picks
+    the queue level (``priority - 1``; 0 = the server default, the lowest level).
     """
+
+    max_batch_size: int = option(
+        32,
+        "Most sentences per model batch (the batcher's batch and CTranslate2's max_batch_size); "
+        "the llm embedded backend always runs batches of 1 (it generates one sequence at a time).",
+    )
+    max_queue_size: int = option(
+        1024,
+        "Sentences that may wait in the queue; when full, requests fail RESOURCE_EXHAUSTED. 0 = unbounded.",
+    )
+    priority_levels: int = option(
+        3, "Request priorities accepted: 1..priority_levels (1 served first); 0 means the lowest."
+    )
+    instance_count: int = option(
+        0,
+        "Batcher model instances; 0: as many as the backend runs at once (ctranslate2: inter_threads x "
+        "replicas; llm embedded: llm_instances; llm http: 2).",
+    )
 
     backend: Backend = option(Backend.LLM, "Engine: ctranslate2 or llm.")
     model_name: str = option("", "Model name reported in responses; empty: the model directory or file name.")
@@ -46,9 +69,6 @@ class TranslateConfig(ServerConfig):
     compute_type: str = option("default", "ctranslate2: compute type (default, auto, int8, float16, ...).")
     inter_threads: int = option(1, "ctranslate2: batches translated at once (per device).")
     intra_threads: int = option(0, "ctranslate2: threads per batch on CPU; 0 lets CTranslate2 choose.")
-    max_batch_size: int = option(
-        32, "ctranslate2: most sentences per model batch (longer requests are split)."
-    )
     beam_size: int = option(2, "ctranslate2: beam width; 1 is greedy search.")
     max_decoding_length: int = option(256, "ctranslate2: most tokens generated per sentence.")
     source_language: str = option("", "ctranslate2: source language (BCP-47) of a single-pair Marian model.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,13 @@ class CTranslate2Backend:
             max_decoding_length=self._max_decoding_length,
         )
         return [self.detokenize(r.hypotheses[0]) for r in results]
+
+    def instance_fns(self, count: int = 0) -> list[Callable[[list[str], Ct2Pair, Deadline], list[str]]]:
+        """``translate_sentences`` ``count`` times (0: once per worker), as the translator is thread-safe.
+
+        CTranslate2 releases the GIL and shares the weights; it runs ``workers`` batches at once.
+        """
+        return [self.translate_sentences] * (count or self.workers)
 
     def close(self) -> None:
         """Frees the model's memory."""

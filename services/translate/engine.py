@@ -6,7 +6,10 @@ back:
 
 * every text is split into lines, and each line into sentences (:func:`services.common.text.split_sentences`);
   a sentence longer than ``max_sentence_chars`` is cut at white space into pieces no longer than that;
-* all sentences of all texts go to the backend in ONE call (CTranslate2 batches them itself);
+* all sentences of all texts go to the backend in ONE call (CTranslate2 batches them itself), or, on a
+  server, each sentence becomes one :class:`SentenceItem` for the dynamic batcher
+  (:mod:`services.common.batching`), so that the sentences of concurrent requests for the same language
+  pair share one model batch (:meth:`TranslationEngine.batch_fns`, :meth:`TranslationEngine.join`);
 * translations are joined back: sentences with a space (no space for Chinese, Japanese and Thai
   targets), lines with a line break. An empty or blank text comes back empty and never reaches the model.
 
@@ -16,6 +19,7 @@ Nothing here imports grpc; errors are :mod:`services.common.errors` exceptions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,9 +57,49 @@ class TranslationBackend(Protocol):
         """Translates non-empty sentences (blocking); returns one translation per sentence, in order."""
         ...
 
+    def instance_fns(self, count: int = 0) -> list[Callable[[list[str], Any, Deadline], list[str]]]:
+        """One ``translate_sentences``-like function per model instance, for a dynamic batcher.
+
+        Each function is called from one thread only; the list's length is the batcher's instance count.
+
+        Args:
+            count: Instances wanted; 0 for the backend's own number.
+
+        Raises:
+            ValueError: The backend cannot run ``count`` instances.
+        """
+        ...
+
     def close(self) -> None:
         """Releases the model."""
         ...
+
+
+@dataclass(frozen=True)
+class SentenceItem:
+    """One sentence queued for the dynamic batcher.
+
+    Attributes:
+        text: A non-empty sentence.
+        pair: The backend's handle for the language pair (hashable: the batch key).
+        deadline: The caller's deadline.
+    """
+
+    text: str
+    pair: Any
+    deadline: Deadline
+
+
+def batch_key(item: SentenceItem) -> Any:
+    """The batcher's key: sentences of different language pairs never share a batch."""
+    return item.pair
+
+
+def _latest(deadlines: list[Deadline]) -> Deadline:
+    """The latest of several deadlines (no deadline wins), so no item is cut short before its own."""
+    if any(d.at_s is None for d in deadlines):
+        return Deadline(None)
+    return max(deadlines, key=lambda d: d.at_s or 0.0)
 
 
 @dataclass(frozen=True)
@@ -176,10 +220,55 @@ class TranslationEngine:
         translated: list[str] = []
         if job.sentences:
             translated = self.backend.translate_sentences(job.sentences, job.pair, deadline or Deadline(None))
-            if len(translated) != len(job.sentences):
-                raise ParleyError(
-                    f"backend returned {len(translated)} translations for {len(job.sentences)} sentences"
-                )
+        return self.join(job, translated)
+
+    def items(self, job: Job, deadline: Deadline) -> list[SentenceItem]:
+        """The batcher items of a prepared request: one per sentence, in order."""
+        return [SentenceItem(text, job.pair, deadline) for text in job.sentences]
+
+    def batch_fns(self, count: int = 0) -> list[Callable[[list[SentenceItem]], list[str]]]:
+        """One batch function per model instance: sentences of one language pair in, translations out.
+
+        Args:
+            count: Instances wanted; 0 for the backend's own number (see ``instance_fns``).
+
+        Raises:
+            ValueError: The backend cannot run ``count`` instances.
+
+        Every item of a batch has the same pair (:func:`batch_key`); the batch goes to the backend in one
+        call, under the latest of its items' deadlines.
+        """
+
+        def bind(
+            fn: Callable[[list[str], Any, Deadline], list[str]],
+        ) -> Callable[[list[SentenceItem]], list[str]]:
+            def translate_batch(items: list[SentenceItem]) -> list[str]:
+                pair = items[0].pair
+                if any(item.pair != pair for item in items):
+                    raise ParleyError("a translation batch mixed language pairs")
+                return fn([item.text for item in items], pair, _latest([item.deadline for item in items]))
+
+            return translate_batch
+
+        return [bind(fn) for fn in self.backend.instance_fns(count)]
+
+    def join(self, job: Job, translated: list[str]) -> list[str]:
+        """Joins sentence translations back into one translation per text.
+
+        Args:
+            job: From :meth:`prepare`.
+            translated: One translation per ``job.sentences`` item, in order.
+
+        Returns:
+            One translation per text, in order; "" for an empty or blank text.
+
+        Raises:
+            ParleyError: ``translated`` does not hold one translation per sentence.
+        """
+        if len(translated) != len(job.sentences):
+            raise ParleyError(
+                f"backend returned {len(translated)} translations for {len(job.sentences)} sentences"
+            )
         joiner = "" if job.target.split("-")[0].lower() in _NO_SPACE_TARGETS else " "
         results = []
         position = 0

@@ -35,12 +35,13 @@ Transports
 ----------
 * :class:`EmbeddedLlamaBackend`: llama-cpp-python in this process, the CPU default (Gemma 3 270M,
   Q4_K_M GGUF, bundled). A ``Llama`` object is not thread-safe: each instance is checked out by one
-  thread at a time (``llm_instances`` instances, one inference thread each). llama.cpp keeps the KV cache
+  thread at a time (``llm_instances`` instances, one inference thread each: on a server, each instance is
+  one model instance of the dynamic batcher, fed from the shared queue). llama.cpp keeps the KV cache
   of the previous prompt, so the shared few-shot prefix is evaluated once per language pair, not per call.
 * :class:`HttpChatBackend`: ``POST {base_url}/chat/completions`` (vLLM, llama.cpp ``llama-server``, any
   OpenAI-compatible server), with the standard library's ``urllib`` (no third-party HTTP client is a
-  project dependency). The sentences of a request are sent in parallel (``llm_concurrency``) so the
-  server can batch them. Failures map to status codes:
+  project dependency). The sentences of a batch are sent in parallel (``llm_concurrency``) so the
+  server's continuous batching can run them together. Failures map to status codes:
 
   ======================================================  =====================
   the endpoint does not answer within ``llm_timeout_s``    UNAVAILABLE (retry)
@@ -54,12 +55,14 @@ Transports
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import queue
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,6 +355,16 @@ class EmbeddedLlamaBackend:
         )
         return clean_output(out["choices"][0]["text"], sentence, pair.source, pair.target, prompt)
 
+    def _translate_on(self, llama: Any, sentences: list[str], pair: LlmPair, deadline: Deadline) -> list[str]:
+        results: list[str] = []
+        for sentence in sentences:
+            if deadline.expired():
+                raise DeadlineExceeded(
+                    f"the caller's deadline passed after {len(results)} of {len(sentences)} sentences"
+                )
+            results.append(self._generate(llama, sentence, pair))
+        return results
+
     def translate_sentences(self, sentences: list[str], pair: LlmPair, deadline: Deadline) -> list[str]:
         """Translates sentence by sentence on one checked-out instance.
 
@@ -360,16 +373,25 @@ class EmbeddedLlamaBackend:
         """
         llama = self._free.get()
         try:
-            results: list[str] = []
-            for sentence in sentences:
-                if deadline.expired():
-                    raise DeadlineExceeded(
-                        f"the caller's deadline passed after {len(results)} of {len(sentences)} sentences"
-                    )
-                results.append(self._generate(llama, sentence, pair))
-            return results
+            return self._translate_on(llama, sentences, pair, deadline)
         finally:
             self._free.put(llama)
+
+    def instance_fns(self, count: int = 0) -> list[Callable[[list[str], LlmPair, Deadline], list[str]]]:
+        """One function per ``Llama`` instance, each bound to its own instance (never shared between threads).
+
+        A batch runs sentence by sentence: the high-level llama-cpp-python API generates one sequence at a
+        time, so a batch brings no speed-up here, only the instance group does.
+
+        Raises:
+            ValueError: ``count`` is neither 0 nor the number of loaded instances.
+        """
+        if count not in (0, len(self._instances)):
+            raise ValueError(
+                f"--instance-count {count}: {len(self._instances)} llama instance(s) are loaded; "
+                "set --llm-instances instead"
+            )
+        return [functools.partial(self._translate_on, llama) for llama in self._instances]
 
     def close(self) -> None:
         """Frees every instance."""
@@ -393,6 +415,8 @@ class HttpChatBackend:
 
     # Time kept back from the caller's deadline to turn an HTTP failure into a status, in seconds.
     DEADLINE_MARGIN_S = 0.05
+    # Batcher instances sending batches at once.
+    HTTP_INSTANCES = 2
 
     def __init__(
         self,
@@ -524,6 +548,14 @@ class HttpChatBackend:
         finally:
             for f in futures:
                 f.cancel()
+
+    def instance_fns(self, count: int = 0) -> list[Callable[[list[str], LlmPair, Deadline], list[str]]]:
+        """:meth:`translate_sentences` ``count`` times (0: ``HTTP_INSTANCES``); it is thread-safe.
+
+        Two instances let the next batch form and go out while one waits for the endpoint; the calls of
+        both share the ``concurrency`` HTTP threads, and the endpoint batches what arrives.
+        """
+        return [self.translate_sentences] * (count or self.HTTP_INSTANCES)
 
     def close(self) -> None:
         """Stops the HTTP threads."""

@@ -3,7 +3,9 @@
 Backends:
 
 * ``piper``: a Piper VITS voice (``.onnx`` plus ``.onnx.json``) run with onnxruntime through piper-tts's
-  ``PiperVoice``. Each voice has its own :class:`InferencePool`; ``piper_workers`` calls run at once.
+  ``PiperVoice``. Each voice has its own :class:`~services.common.inference.BatchedPool`: an instance
+  group of ``piper_workers`` threads behind the dynamic batcher, in batches of one (piper-tts synthesizes
+  one utterance per call).
 * ``espeak``: the espeak-ng command-line program (Debian package ``espeak-ng``), one process per call,
   writing a WAV file to stdout. It speaks every configured language espeak-ng has a voice for.
 
@@ -37,7 +39,7 @@ import numpy as np
 
 from services.common.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, float_to_pcm16, resample
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from services.common.inference import InferencePool
+from services.common.inference import BatchedPool
 from services.common.text import split_sentences
 from services.tts.cache import ByteLruCache
 from services.tts.config import BUNDLED_PIPER_VOICE, TtsConfig
@@ -266,7 +268,7 @@ def render(synthesizer: Synthesizer, text: str, rate: float, sample_rate_hz: int
 class _Request:
     text: str
     synthesizer: Synthesizer
-    pool: InferencePool
+    pool: BatchedPool
     rate: float
     sample_rate_hz: int
 
@@ -288,7 +290,7 @@ class TtsEngine:
 
     def __init__(
         self,
-        voices: Sequence[tuple[Synthesizer, InferencePool]],
+        voices: Sequence[tuple[Synthesizer, BatchedPool]],
         *,
         cache_bytes: int = 64 << 20,
         max_text_chars: int = 5000,
@@ -320,11 +322,11 @@ class TtsEngine:
             FileNotFoundError: A configured Piper voice file is missing.
             FailedPrecondition: No voice at all could be loaded.
         """
-        voices: list[tuple[Synthesizer, InferencePool]] = []
+        voices: list[tuple[Synthesizer, BatchedPool]] = []
         for entry in config.piper_voices:
             synth = PiperSynthesizer(_piper_model_path(entry), threads=config.piper_threads)
             synth.synthesize(_WARM_UP_TEXT, 1.0)
-            voices.append((synth, InferencePool(f"tts-{synth.info.name}", config.piper_workers)))
+            voices.append((synth, BatchedPool(f"tts-{synth.info.name}", config.piper_workers)))
             logger.info(
                 "piper voice %s (%s, %d Hz) loaded",
                 synth.info.name,
@@ -339,7 +341,7 @@ class TtsEngine:
                 ESPEAK_PACKAGE_HINT,
             )
         else:
-            espeak_pool = InferencePool("tts-espeak", config.espeak_workers)
+            espeak_pool = BatchedPool("tts-espeak", config.espeak_workers)
             loaded: set[str] = set()
             for language in config.espeak_languages:
                 espeak_voice = find_espeak_voice(executable, language)
@@ -372,7 +374,7 @@ class TtsEngine:
         wanted = primary_language(normalize_language(language))
         return [synth.info for synth, _ in self._voices if primary_language(synth.info.language) == wanted]
 
-    def select(self, language: str, voice: str) -> tuple[Synthesizer, InferencePool]:
+    def select(self, language: str, voice: str) -> tuple[Synthesizer, BatchedPool]:
         """Picks the voice for a request: ``voice`` by name, else the best voice for ``language``.
 
         Raises:

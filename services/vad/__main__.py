@@ -6,39 +6,38 @@ import dataclasses
 from collections.abc import Sequence
 
 import grpc
+import numpy as np
 
 from parley.vad.v1 import vad_pb2_grpc
+from services.common.batching import DynamicBatcher
 from services.common.config import load_config
-from services.common.inference import InferencePool
 from services.common.models import silero_vad_path
 from services.common.server import Stage, run
 from services.vad.config import VadConfig
-from services.vad.engine import SileroVad
+from services.vad.engine import ModelState, SileroVad
 from services.vad.servicer import SERVICE_NAME, VadServicer
 
 
 @dataclasses.dataclass
 class VadRuntime:
-    """The loaded model and the threads that run it."""
+    """The loaded model and the dynamic batcher that calls it: (windows, state) in, (probs, state) out."""
 
     vad: SileroVad
-    pool: InferencePool
+    batcher: DynamicBatcher[tuple[np.ndarray, ModelState], tuple[np.ndarray, ModelState]]
 
 
 def _load(config: VadConfig) -> VadRuntime:
     vad = SileroVad(silero_vad_path(), intra_op_threads=config.intra_op_threads)
     vad.warmup()
-    return VadRuntime(vad, InferencePool("vad", config.inference_workers))
+    return VadRuntime(vad, DynamicBatcher("vad", [vad.infer_batch] * config.instance_count, config))
 
 
 def _add_servicers(server: grpc.aio.Server, runtime: VadRuntime, config: VadConfig) -> None:
-    vad_pb2_grpc.add_VoiceActivityDetectionServicer_to_server(
-        VadServicer(runtime.vad, config, runtime.pool), server
-    )
+    vad_pb2_grpc.add_VoiceActivityDetectionServicer_to_server(VadServicer(config, runtime.batcher), server)
 
 
 def _close(runtime: VadRuntime) -> None:
-    runtime.pool.close()
+    runtime.batcher.close(drain=True)
     runtime.vad.close()
 
 

@@ -327,11 +327,50 @@ def frame_windows(samples: np.ndarray, context: np.ndarray) -> np.ndarray:
     return np.concatenate([contexts, windows], axis=1)
 
 
+def clip_windows(audio: np.ndarray, frames_per_call: int = _FRAMES_PER_CALL) -> list[np.ndarray]:
+    """A whole clip's model input, cut into consecutive calls of at most ``frames_per_call`` frames.
+
+    Run them in order, each with the state the previous one returned (as :meth:`SileroVad.probabilities`
+    does); the probabilities do not depend on where the cuts fall.
+
+    Args:
+        audio: float32 in [-1, 1], shape ``(n_samples,)``, 16 kHz mono; a last partial frame is
+            zero-padded.
+        frames_per_call: Most frames per call, at least 1.
+
+    Returns:
+        float32 arrays ``(n, 576)``, n <= frames_per_call; empty for empty audio.
+    """
+    n_frames = -(-len(audio) // WINDOW_SAMPLES)
+    padded = np.zeros(n_frames * WINDOW_SAMPLES, dtype=np.float32)
+    padded[: len(audio)] = audio
+    windows = frame_windows(padded, np.zeros(CONTEXT_SAMPLES, dtype=np.float32))
+    step = max(1, frames_per_call)
+    return [windows[first : first + step] for first in range(0, n_frames, step)]
+
+
+def segments_of(probs: np.ndarray, n_samples: int, params: VadParams) -> list[Segment]:
+    """Speech segments of a whole clip from its frame probabilities.
+
+    Args:
+        probs: float32 ``(ceil(n_samples / 512),)``, from :meth:`SileroVad.probabilities`.
+        n_samples: Length of the clip, in samples at 16 kHz.
+        params: Validated detection parameters.
+
+    Returns:
+        Segments in time order, not overlapping, within ``[0, n_samples]``.
+    """
+    segmenter = Segmenter(params)
+    events = segmenter.push(probs)
+    events += segmenter.finish(n_samples)
+    return [e.segment for e in events if isinstance(e, SpeechEnd)]
+
+
 class SileroVad:
     """Silero VAD v6 in one onnxruntime session, shared by every call and stream.
 
-    ``InferenceSession.run`` is safe to call from several threads at once, so callers run :meth:`infer`
-    on an :class:`~services.common.inference.InferencePool` with as many workers as they like.
+    ``InferenceSession.run`` is safe to call from several threads at once, so a server passes
+    :meth:`infer_batch` to a :class:`~services.common.batching.DynamicBatcher` once per instance thread.
 
     Args:
         model_path: The Silero VAD v6 ONNX file.
@@ -389,14 +428,10 @@ class SileroVad:
         Returns:
             float32 ``(ceil(n_samples / 512),)``.
         """
-        n_frames = -(-len(audio) // WINDOW_SAMPLES)
-        padded = np.zeros(n_frames * WINDOW_SAMPLES, dtype=np.float32)
-        padded[: len(audio)] = audio
-        windows = frame_windows(padded, np.zeros(CONTEXT_SAMPLES, dtype=np.float32))
         state = ModelState.initial()
         out = []
-        for first in range(0, n_frames, _FRAMES_PER_CALL):
-            probs, state = self.infer(windows[first : first + _FRAMES_PER_CALL], state)
+        for windows in clip_windows(audio):
+            probs, state = self.infer(windows, state)
             out.append(probs)
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
@@ -410,10 +445,7 @@ class SileroVad:
         Returns:
             Segments in time order, not overlapping, within ``[0, n_samples]``.
         """
-        segmenter = Segmenter(params)
-        events = segmenter.push(self.probabilities(audio))
-        events += segmenter.finish(len(audio))
-        return [e.segment for e in events if isinstance(e, SpeechEnd)]
+        return segments_of(self.probabilities(audio), len(audio), params)
 
     def warmup(self) -> None:
         """Runs one second of silence through the model, so the first request pays no start-up cost."""

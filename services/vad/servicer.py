@@ -7,20 +7,23 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import numpy as np
 
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
 from services.common.audio import PCM_S16LE, PcmStream, decode_pcm
+from services.common.batching import DynamicBatcher
 from services.common.errors import InvalidArgument
-from services.common.inference import InferencePool
 from services.vad.config import VadConfig
 from services.vad.engine import (
     SAMPLE_RATE_HZ,
     Event,
+    ModelState,
     Segment,
-    SileroVad,
     SpeechStart,
     StreamEndpointer,
     VadParams,
+    clip_windows,
+    segments_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,19 +56,38 @@ def _segment_pb(segment: Segment) -> vad_pb2.SpeechSegment:
     )
 
 
+# Batcher levels: live streams first, whole clips after them.
+STREAM_PRIORITY = 0
+CLIP_PRIORITY = 1
+
+VadBatcher = DynamicBatcher[tuple[np.ndarray, ModelState], tuple[np.ndarray, ModelState]]
+
+
 class VadServicer(vad_pb2_grpc.VoiceActivityDetectionServicer):
-    """Detect and StreamDetect on one shared :class:`SileroVad`.
+    """Detect and StreamDetect on one shared Silero model, called through a dynamic batcher.
+
+    Every model call is one batcher item ``(windows, state)``: a chunk of one stream's frames with that
+    stream's own recurrent state, which comes back updated with the probabilities. Live streams are queued
+    at level 0 and whole clips at the lowest level (with a single level, both share it).
 
     Args:
-        vad: The loaded model, shared by every call.
         config: Server configuration (parameter defaults, limits).
-        pool: Threads that run the model, off the event loop.
+        batcher: Runs :meth:`~services.vad.engine.SileroVad.infer_batch` on its instance threads.
     """
 
-    def __init__(self, vad: SileroVad, config: VadConfig, pool: InferencePool):
-        self._vad = vad
+    def __init__(self, config: VadConfig, batcher: VadBatcher):
         self._config = config
-        self._pool = pool
+        self._batcher = batcher
+        levels = batcher.config.priority_levels
+        self._stream_priority = min(STREAM_PRIORITY, levels - 1)
+        self._clip_priority = min(CLIP_PRIORITY, levels - 1)
+
+    async def _infer(
+        self, windows: np.ndarray, state: ModelState, context: grpc.aio.ServicerContext, priority: int
+    ) -> tuple[np.ndarray, ModelState]:
+        return await self._batcher.submit(
+            (windows, state), timeout_s=context.time_remaining(), priority=priority
+        )
 
     async def Detect(
         self, request: vad_pb2.DetectRequest, context: grpc.aio.ServicerContext
@@ -81,7 +103,13 @@ class VadServicer(vad_pb2_grpc.VoiceActivityDetectionServicer):
             target_rate_hz=SAMPLE_RATE_HZ,
             max_duration_s=self._config.max_audio_s,
         )
-        segments = await self._pool.run(self._vad.detect, audio, params)
+        state = ModelState.initial()
+        chunks = []
+        for windows in clip_windows(audio, self._config.detect_frames_per_call):
+            probs, state = await self._infer(windows, state, context, self._clip_priority)
+            chunks.append(probs)
+        probs = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        segments = segments_of(probs, len(audio), params)
         frame_bytes = (2 if fmt.encoding == PCM_S16LE else 4) * (fmt.channels or 1)
         duration_s = len(request.audio) / frame_bytes / fmt.sample_rate_hz
         return vad_pb2.DetectResponse(
@@ -135,18 +163,18 @@ class VadServicer(vad_pb2_grpc.VoiceActivityDetectionServicer):
                 raise InvalidArgument("StreamDetect takes one config, as the first message only; then audio")
             windows = endpointer.add(pcm.push(message.audio))
             if windows is not None:
-                probs, state = await self._pool.run(self._vad.infer, windows, endpointer.state)
+                probs, state = await self._infer(windows, endpointer.state, context, self._stream_priority)
                 for response in responses(endpointer.accept(probs, state)):
                     yield response
         tail = pcm.flush()
         windows = endpointer.add(tail) if len(tail) else None
         events: list[Event] = []
         if windows is not None:
-            probs, state = await self._pool.run(self._vad.infer, windows, endpointer.state)
+            probs, state = await self._infer(windows, endpointer.state, context, self._stream_priority)
             events += endpointer.accept(probs, state)
         windows = endpointer.flush()
         if windows is not None:
-            probs, state = await self._pool.run(self._vad.infer, windows, endpointer.state)
+            probs, state = await self._infer(windows, endpointer.state, context, self._stream_priority)
             events += endpointer.accept(probs, state)
         events += endpointer.finish()
         for response in responses(events):

@@ -39,6 +39,11 @@ class GatewayStub:
                 request_serializer=parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateSpeechRequest.SerializeToString,
                 response_deserializer=parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateSpeechResponse.FromString,
                 _registered_method=True)
+        self.TranslateFile = channel.stream_stream(
+                '/parley.gateway.v1.Gateway/TranslateFile',
+                request_serializer=parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateFileRequest.SerializeToString,
+                response_deserializer=parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateFileResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -52,6 +57,15 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TranslateFile(self, request_iterator, context):
+        """Subtitles for a whole recording: first message a TranslateFileConfig, then the audio in chunks of any
+        size. Progress events while it is processed, then one result (the cues of both languages and their
+        quality report), last. Batch path: VAD over the whole file, STT in concurrent groups, batched translation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +73,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.TranslateSpeech,
                     request_deserializer=parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateSpeechRequest.FromString,
                     response_serializer=parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateSpeechResponse.SerializeToString,
+            ),
+            'TranslateFile': grpc.stream_stream_rpc_method_handler(
+                    servicer.TranslateFile,
+                    request_deserializer=parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateFileRequest.FromString,
+                    response_serializer=parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateFileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +107,33 @@ class Gateway:
             '/parley.gateway.v1.Gateway/TranslateSpeech',
             parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateSpeechRequest.SerializeToString,
             parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateSpeechResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TranslateFile(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/parley.gateway.v1.Gateway/TranslateFile',
+            parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateFileRequest.SerializeToString,
+            parley_dot_gateway_dot_v1_dot_gateway__pb2.TranslateFileResponse.FromString,
             options,
             channel_credentials,
             insecure,

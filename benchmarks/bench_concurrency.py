@@ -1,0 +1,285 @@
+"""Throughput and latency under concurrency, with the dynamic batcher on and with ``--max-batch-size 1``.
+
+For each stage wired to the batcher, two real server processes run side by side in the same run: one with
+the stage's batching settings, one with ``--max-batch-size 1`` (every model call takes one item, as before
+batching). Closed-loop clients (each sends its next request when the previous one is answered) run for
+``LEVEL_S`` seconds per concurrency level; throughput is answered requests per second, latency the
+per-request wall time (p50 and p99). The servers take turns level by level, so both see the same load.
+The mean batch size comes from the server's Prometheus counters (``parley_batch_requests`` /
+``parley_batch_executions``) over the level.
+
+Stages:
+
+* translate, ``ctranslate2`` with the tiny random model of ``tests/fixtures/tiny_ct2.py`` (2 layers,
+  d_model 64, NLLB layout, every sentence decodes ``CT2_DECODE_TOKENS`` tokens): one real Tatoeba or
+  FLORES sentence per request; concurrency 1, 4, 16, 64. Goals: at 16, at least 3x the throughput of
+  batch size 1; at 1, p99 no more than ``max_queue_delay_ms`` above batch size 1.
+* vad, Silero VAD v6: one StreamDetect stream per request (a real LJ Speech clip, sent as fast as the
+  server takes it, 100 ms per message); concurrency 1, 4, 16; throughput in audio seconds per second.
+  The v6 export runs a batch's streams one after another, so batching is not expected to speed it up.
+
+Not measured here: the llm backend. Its embedded transport runs batches of one by design (llama-cpp-python
+generates one sequence at a time), so "batched" and "batch size 1" are the same server; its HTTP transport
+needs an external OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import re
+import socket
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from parley.audio.v1 import audio_pb2
+from parley.translate.v1 import translate_pb2, translate_pb2_grpc
+from parley.vad.v1 import vad_pb2, vad_pb2_grpc
+from tests.fixtures.tiny_ct2 import build_tiny_model
+from tests.helpers import SHARED_DATA, ServerProcess, read_manifest, read_wav, start_server
+
+LEVEL_S = 6.0
+WARMUP_S = 1.0
+CT2_DECODE_TOKENS = 32
+QUEUE_DELAY_MS = 5.0
+TRANSLATE_LEVELS = (1, 4, 16, 64)
+VAD_LEVELS = (1, 4, 16)
+VAD_CHUNK_BYTES = 3200  # 100 ms of PCM_S16LE at 16 kHz
+PCM16_16K = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=16000, channels=1)
+
+
+@dataclass
+class Level:
+    """Figures of one concurrency level on one server."""
+
+    requests: int
+    units: float
+    wall_s: float
+    latencies_s: list[float]
+    mean_batch: float
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.wall_s
+
+    @property
+    def unit_rate(self) -> float:
+        return self.units / self.wall_s
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q)) * 1000 if self.latencies_s else float("nan")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batch_counts(port: int, name: str) -> tuple[float, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = []
+    for metric in ("parley_batch_requests", "parley_batch_executions"):
+        found = re.search(rf'^{metric}_total{{name="{name}"}} (\S+)$', text, re.MULTILINE)
+        values.append(float(found.group(1)) if found else 0.0)
+    return values[0], values[1]
+
+
+async def _closed_loop(
+    call: Callable[[int], Awaitable[float]], concurrency: int, duration_s: float
+) -> tuple[int, float, float, list[float]]:
+    """``concurrency`` clients calling ``call(i)`` back to back for ``duration_s``.
+
+    Returns:
+        (answered requests, units done, wall seconds, latencies in seconds).
+    """
+    latencies: list[float] = []
+    units = 0.0
+    counter = iter(range(10**9))
+    stop_at = time.perf_counter() + duration_s
+
+    async def client() -> None:
+        nonlocal units
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            done = await call(next(counter))  # not ``units += await``: that reads units before awaiting
+            units += done
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return len(latencies), units, time.perf_counter() - started, latencies
+
+
+async def _measure(
+    server: ServerProcess,
+    metrics_port: int,
+    name: str,
+    make_call: Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]],
+    concurrency: int,
+) -> Level:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = make_call(channel)
+        await _closed_loop(call, concurrency, WARMUP_S)
+        before = await asyncio.to_thread(_batch_counts, metrics_port, name)
+        requests, units, wall_s, latencies = await _closed_loop(call, concurrency, LEVEL_S)
+        after = await asyncio.to_thread(_batch_counts, metrics_port, name)
+    executions = after[1] - before[1]
+    mean_batch = (after[0] - before[0]) / executions if executions else float("nan")
+    return Level(requests, units, wall_s, latencies, mean_batch)
+
+
+def _report(title: str, unit: str, levels: tuple[int, ...], results: dict[int, tuple[Level, Level]]) -> None:
+    print(title)
+    print(
+        f"{'conc':>4} | {'batched ' + unit:>16} {'p50 ms':>8} {'p99 ms':>8} {'batch':>5} | "
+        f"{'bs=1 ' + unit:>16} {'p50 ms':>8} {'p99 ms':>8} | {'x thr':>6} {'p50 diff ms':>11} "
+        f"{'p99 diff ms':>11}"
+    )
+    for c in levels:
+        on, off = results[c]
+        print(
+            f"{c:>4} | {on.unit_rate:>16.1f} {on.percentile_ms(50):>8.1f} {on.percentile_ms(99):>8.1f} "
+            f"{on.mean_batch:>5.1f} | {off.unit_rate:>16.1f} {off.percentile_ms(50):>8.1f} "
+            f"{off.percentile_ms(99):>8.1f} | {on.unit_rate / off.unit_rate:>6.2f} "
+            f"{on.percentile_ms(50) - off.percentile_ms(50):>11.1f} "
+            f"{on.percentile_ms(99) - off.percentile_ms(99):>11.1f}"
+        )
+
+
+def _sentences(n: int) -> list[str]:
+    """Real English sentences: Tatoeba one-liners and FLORES sentences, alternately."""
+    out: list[list[str]] = []
+    for name in ("tatoeba-test.en-fr.tsv", "flores200-devtest-half.en-fr.tsv"):
+        with (SHARED_DATA / "text" / name).open(encoding="utf-8", newline="") as f:
+            out.append([r["src"] for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)][:n])
+    return [out[i % 2][i // 2] for i in range(n)]
+
+
+def _translate_call(sentences: list[str]) -> Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]]:
+    def make(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[float]]:
+        stub = translate_pb2_grpc.TranslationStub(channel)
+
+        async def call(i: int) -> float:
+            request = translate_pb2.TranslateRequest(
+                request_id=str(i),
+                texts=[sentences[i % len(sentences)]],
+                source_language="en",
+                target_language="fr",
+            )
+            await stub.Translate(request, timeout=60)
+            return 1.0
+
+        return call
+
+    return make
+
+
+def _vad_call(clips: list[bytes]) -> Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]]:
+    def make(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[float]]:
+        stub = vad_pb2_grpc.VoiceActivityDetectionStub(channel)
+
+        async def call(i: int) -> float:
+            audio = clips[i % len(clips)]
+
+            async def requests():
+                yield vad_pb2.StreamDetectRequest(
+                    config=vad_pb2.StreamDetectConfig(request_id="b", format=PCM16_16K)
+                )
+                for start in range(0, len(audio), VAD_CHUNK_BYTES):
+                    yield vad_pb2.StreamDetectRequest(audio=audio[start : start + VAD_CHUNK_BYTES])
+
+            async for _ in stub.StreamDetect(requests(), timeout=60):
+                pass
+            return len(audio) / 2 / 16000
+
+        return call
+
+    return make
+
+
+def _pair(stage: str, flags: list[str]) -> tuple[tuple[ServerProcess, int], tuple[ServerProcess, int]]:
+    ports = (_free_port(), _free_port())
+    on = start_server(stage, *flags, "--metrics-port", str(ports[0]))
+    try:
+        off = start_server(stage, *flags, "--max-batch-size", "1", "--metrics-port", str(ports[1]))
+    except BaseException:
+        on.terminate()
+        raise
+    return (on, ports[0]), (off, ports[1])
+
+
+async def _run_stage(
+    stage: str,
+    flags: list[str],
+    make_call: Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]],
+    levels: tuple[int, ...],
+) -> dict[int, tuple[Level, Level]]:
+    (on, on_port), (off, off_port) = await asyncio.to_thread(_pair, stage, flags)
+    try:
+        results = {}
+        for c in levels:
+            batched = await _measure(on, on_port, stage, make_call, c)
+            single = await _measure(off, off_port, stage, make_call, c)
+            results[c] = (batched, single)
+        return results
+    finally:
+        on.terminate()
+        off.terminate()
+
+
+async def _main() -> None:
+    with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
+        model = build_tiny_model(Path(tmp) / "tiny-nllb", SHARED_DATA / "text", "nllb")
+        flags = [
+            "--backend",
+            "ctranslate2",
+            "--model-path",
+            str(model),
+            "--max-decoding-length",
+            str(CT2_DECODE_TOKENS),
+            "--max-queue-delay-ms",
+            str(QUEUE_DELAY_MS),
+        ]
+        results = await _run_stage("translate", flags, _translate_call(_sentences(200)), TRANSLATE_LEVELS)
+    _report(
+        f"translate, ctranslate2 tiny NLLB (random weights, {CT2_DECODE_TOKENS} tokens per sentence), "
+        f"1 sentence per request, max_queue_delay_ms={QUEUE_DELAY_MS}, {LEVEL_S:.0f} s per level",
+        "req/s",
+        TRANSLATE_LEVELS,
+        results,
+    )
+    on16, off16 = results[16]
+    on1, off1 = results[1]
+    print(
+        f"goal translate c=16 >= 3x bs=1 throughput: reached {on16.throughput / off16.throughput:.2f}x; "
+        f"goal c=1 p99 <= bs=1 p99 + {QUEUE_DELAY_MS:.0f} ms: reached "
+        f"{on1.percentile_ms(99) - off1.percentile_ms(99):+.1f} ms"
+    )
+
+    clips = [read_wav(row["path"])[0] for row in read_manifest("ljspeech")[:4]]
+    results = await _run_stage("vad", ["--max-queue-delay-ms", "0"], _vad_call(clips), VAD_LEVELS)
+    _report(
+        "vad, Silero v6, 1 StreamDetect stream per request (LJ Speech, 100 ms messages), "
+        f"{LEVEL_S:.0f} s per level",
+        "audio s/s",
+        VAD_LEVELS,
+        results,
+    )
+
+
+def main() -> None:
+    """Runs both stages and prints the measured figures."""
+    asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    main()

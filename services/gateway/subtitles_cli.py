@@ -1,0 +1,322 @@
+"""``parley subtitles INPUT``: subtitles (SRT, WebVTT) for an audio or video file, translated or not.
+
+The file is decoded with PyAV (any container and codec FFmpeg reads) to 16 kHz mono, sent to the gateway's
+``TranslateFile`` RPC (``--server``, default the ``parley up`` address), or, when ``--vad``, ``--stt`` and
+``--translate`` name the stage servers, processed in-process against them. A progress bar on stderr shows
+the audio done and the speed (times real time). The quality report is printed as a table (or as JSON with
+``--json``). ``--target`` empty (the default) or equal to the spoken language gives same-language subtitles.
+With ``--bilingual``, each cue shows the source lines with the translation's lines under them (a study aid:
+up to four lines; each track is checked against the rules on its own).
+
+This is a command-line tool: it writes its results to stdout and its progress to stderr on purpose.
+
+Exit codes: 0 on success (an all-silent file gives an empty subtitle file and a note); 1 when the input
+cannot be decoded or a server fails; 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+RATE_HZ = 16000
+DEFAULT_SERVER = (
+    "127.0.0.1:50051"  # services.gateway.config.DEFAULT_PORTS["gateway"], the `parley up` address
+)
+_CHUNK_BYTES = 64 * 1024
+
+
+class MediaError(Exception):
+    """The input cannot be turned into audio; the message says why, for the user."""
+
+
+def decode_media(path: str | Path) -> np.ndarray:
+    """Decodes the first audio stream of any file PyAV reads to PCM_S16LE mono at 16 kHz.
+
+    Args:
+        path: Audio or video file (wav, flac, mp3, ogg, opus, m4a, mp4, mkv, webm...).
+
+    Returns:
+        int16 samples, shape (n_samples,), 16 kHz mono (empty for a stream with no samples).
+
+    Raises:
+        MediaError: Missing file, not a media file or corrupt, no audio stream, or a codec FFmpeg lacks.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path}: the file is empty (0 bytes)")
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as exc:
+        raise MediaError(
+            f"{path}: not a media file FFmpeg can read, or corrupt ({exc.strerror or exc})"
+        ) from exc
+    with container:
+        streams = [s for s in container.streams if s.type == "audio"]
+        if not streams:
+            kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
+            raise MediaError(f"{path}: no audio stream in the file (streams found: {kinds})")
+        stream = streams[0]
+        codec = getattr(stream.codec_context, "name", None) if stream.codec_context is not None else None
+        if not codec or codec == "none":
+            raise MediaError(f"{path}: unsupported audio codec (FFmpeg has no decoder for this stream)")
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE_HZ)
+        parts: list[np.ndarray] = []
+        try:
+            for frame in container.decode(audio=0):
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                parts.append(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as exc:
+            raise MediaError(
+                f"{path}: the {codec} audio could not be decoded; the file is corrupt or truncated "
+                f"({exc.strerror or exc})"
+            ) from exc
+    return np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, dtype=np.int16)
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal (a line per update otherwise): audio done and speed."""
+
+    def __init__(self, total_s: float, stream: TextIO, enabled: bool = True):
+        self.total_s = total_s
+        self.stream = stream
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.tty = stream.isatty()
+
+    def update(self, stage: str, done_s: float) -> None:
+        """Shows ``done_s`` of ``total_s`` seconds of audio done, in ``stage``."""
+        if not self.enabled:
+            return
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        share = done_s / self.total_s if self.total_s else 1.0
+        filled = int(30 * min(max(share, 0.0), 1.0))
+        line = (
+            f"[{'#' * filled}{'.' * (30 - filled)}] {done_s:7.1f}/{self.total_s:.1f} s audio  "
+            f"{stage:<9} {done_s / elapsed:5.1f}x real time"
+        )
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Ends the bar's line."""
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parley subtitles",
+        description="Subtitles (SRT and WebVTT) for an audio or video file, with a quality report.",
+    )
+    parser.add_argument("input", help="audio or video file (anything PyAV/FFmpeg decodes)")
+    parser.add_argument("--source", default="auto", help="spoken language (BCP-47) or 'auto' (default)")
+    parser.add_argument(
+        "--target", default="", help="subtitle language (BCP-47); empty: subtitles in the spoken language"
+    )
+    parser.add_argument("-o", "--output", default="", help="SRT file to write (default: INPUT with .srt)")
+    parser.add_argument("--vtt", default="", help="WebVTT file to write as well")
+    parser.add_argument(
+        "--bilingual", action="store_true", help="source lines with the translation under them"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result and quality report as JSON")
+    parser.add_argument("--server", default=DEFAULT_SERVER, help="gateway host:port (default: %(default)s)")
+    parser.add_argument("--vad", default="", help="VAD server host:port: run in-process, without a gateway")
+    parser.add_argument("--stt", default="", help="STT server host:port (with --vad)")
+    parser.add_argument(
+        "--translate",
+        default="",
+        help="translation server host:port (with --vad and --stt, when --target is set)",
+    )
+    parser.add_argument("--beam-size", type=int, default=0, help="STT beam size; 0: the server's default")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline of the whole job, in seconds")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+async def _via_gateway(
+    server: str, pcm: bytes, config: Any, bar: ProgressBar, timeout_s: float | None
+) -> Any:
+    import grpc
+
+    from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+    async def requests() -> AsyncIterator[Any]:
+        yield gateway_pb2.TranslateFileRequest(config=config)
+        for at in range(0, len(pcm), _CHUNK_BYTES):
+            yield gateway_pb2.TranslateFileRequest(audio=pcm[at : at + _CHUNK_BYTES])
+
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(server, options=options) as channel:
+        call = gateway_pb2_grpc.GatewayStub(channel).TranslateFile(requests(), timeout=timeout_s)
+        async for response in call:
+            if response.WhichOneof("event") == "progress":
+                bar.update(response.progress.stage, response.progress.audio_processed_s)
+            elif response.WhichOneof("event") == "result":
+                return response.result
+    raise RuntimeError("the gateway closed the call without a result")
+
+
+async def _in_process(args: argparse.Namespace, samples: np.ndarray, bar: ProgressBar) -> Any:
+    import grpc
+
+    from parley.stt.v1 import stt_pb2_grpc
+    from parley.translate.v1 import translate_pb2_grpc
+    from parley.vad.v1 import vad_pb2_grpc
+    from services.common.resilience import Deadline
+    from services.gateway.file_job import FileTranslator, result_to_proto
+
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    addresses = (
+        args.vad,
+        args.stt,
+        args.translate or args.stt,
+    )  # no --target: the translation stub is unused
+    channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
+    try:
+        job = FileTranslator(
+            vad_pb2_grpc.VoiceActivityDetectionStub(channels[0]),
+            stt_pb2_grpc.SpeechToTextStub(channels[1]),
+            translate_pb2_grpc.TranslationStub(channels[2]),
+        )
+        result = await job.run(
+            samples.astype(np.float32) / 32768.0,
+            source_language=_source(args.source),
+            target_language=args.target,
+            beam_size=args.beam_size,
+            request_id=f"subtitles-{os.getpid()}",
+            deadline=Deadline.after(args.timeout),
+            progress=bar.update,
+        )
+        return result_to_proto(result)
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def _source(value: str) -> str:
+    return "" if value.lower() in ("", "auto") else value
+
+
+def _write(path: str, text: str) -> str:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return str(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``parley subtitles``; returns the exit code."""
+    from google.protobuf.json_format import MessageToDict
+
+    from services.gateway import subtitles as subs
+    from services.gateway.file_job import cues_from_proto, report_from_proto
+
+    args = _parser().parse_args(argv)
+    stdout, stderr = sys.stdout, sys.stderr
+    in_process = [bool(args.vad), bool(args.stt), bool(args.translate or not args.target)]
+    if any(in_process[:2] + [bool(args.translate)]) and not all(in_process):
+        stderr.write(
+            "parley subtitles: --vad and --stt go together, with --translate when --target is set "
+            "(or use --server)\n"
+        )
+        return 2
+    try:
+        samples = decode_media(args.input)
+    except MediaError as exc:
+        stderr.write(f"parley subtitles: {exc}\n")
+        return 1
+    duration_s = len(samples) / RATE_HZ
+    bar = ProgressBar(duration_s, stderr, enabled=not args.no_progress)
+    started = time.monotonic()
+    try:
+        if all(in_process):
+            result = asyncio.run(_in_process(args, samples, bar))
+        else:
+            from parley.audio.v1 import audio_pb2
+            from parley.gateway.v1 import gateway_pb2
+
+            config = gateway_pb2.TranslateFileConfig(
+                request_id=f"subtitles-{os.getpid()}",
+                source_language=_source(args.source),
+                target_language=args.target,
+                input_format=audio_pb2.AudioFormat(
+                    encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1
+                ),
+                beam_size=args.beam_size,
+            )
+            result = asyncio.run(_via_gateway(args.server, samples.tobytes(), config, bar, args.timeout))
+    except Exception as exc:  # noqa: BLE001 - a command-line tool reports every failure as one line
+        bar.close()
+        import grpc
+
+        if isinstance(exc, grpc.aio.AioRpcError):
+            hint = ""
+            if exc.code() is grpc.StatusCode.UNAVAILABLE and not all(in_process):
+                hint = f" (is a gateway running at {args.server}? start one with `parley up`)"
+            stderr.write(f"parley subtitles: {exc.code().name}: {exc.details()}{hint}\n")
+        else:
+            code = getattr(exc, "code", None)
+            prefix = f"{code}: " if isinstance(code, str) else ""
+            stderr.write(f"parley subtitles: {prefix}{exc}\n")
+        return 1
+    bar.close()
+    wall_s = time.monotonic() - started
+
+    source_cues = cues_from_proto(result.source_cues)
+    target_cues = cues_from_proto(result.target_cues)
+    translated = bool(result.target_language)
+    shown = target_cues if translated else source_cues
+    second = None
+    if args.bilingual and translated:
+        shown, second = source_cues, subs.align_second_track(source_cues, target_cues)
+    output = args.output or str(Path(args.input).with_suffix(".srt"))
+    written = [_write(output, subs.to_srt(shown, second))]
+    if args.vtt:
+        written.append(_write(args.vtt, subs.to_vtt(shown, second)))
+    reports = [report_from_proto(result.source_quality, result.source_cues)]
+    if translated:
+        reports.append(report_from_proto(result.target_quality, result.target_cues))
+    silent = not source_cues
+    if args.json:
+        doc = MessageToDict(
+            result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        doc["files"] = written
+        doc["wall_s"] = round(wall_s, 3)
+        doc["speed_x_realtime"] = round(duration_s / wall_s, 2) if wall_s else None
+        stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+    else:
+        stdout.write(subs.summary_table(reports) + "\n")
+        speed = duration_s / wall_s if wall_s else 0.0
+        stdout.write(
+            f"{duration_s:.1f} s of audio ({result.speech_duration_s:.1f} s speech) in {wall_s:.1f} s "
+            f"({speed:.1f}x real time); wrote {', '.join(written)}\n"
+        )
+    if silent:
+        stderr.write(
+            "parley subtitles: no speech found in the file: the subtitle file is empty"
+            f" ({', '.join(written)})\n"
+        )
+    stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
