@@ -85,7 +85,7 @@ def _health(argv: Sequence[str]) -> int:
 # -- up ------------------------------------------------------------------------------------------------
 
 
-def die_with_parent() -> None:
+def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM when the parent dies (Linux), so no server is orphaned."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -154,7 +154,7 @@ class LocalCluster:
             [sys.executable, "-m", f"services.{stage}", *flags],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, async-signal-safe enough
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, async-signal-safe enough
             cwd=Path(__file__).resolve().parent.parent,
         )
         pump = threading.Thread(target=self._pump, args=(stage, process), daemon=True)

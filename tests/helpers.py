@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.cli import die_with_parent
-
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -99,7 +97,6 @@ def start_server(
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
-        preexec_fn=die_with_parent,  # a killed test run leaves no orphaned server
     )
     deadline = time.monotonic() + timeout_s
     while not ready.exists():

@@ -81,10 +81,3 @@ async def test_a_short_high_priority_request_passes_a_long_low_priority_one(stub
         f"sentence {one_long_s:.2f} s, whole long request {long_s:.2f} s"
     )
     assert short_s < long_s / 3
-
-
-async def test_batched_results_equal_results_alone(stub):
-    texts = sources("tatoeba-test.en-fr.tsv", 6)
-    together = await asyncio.gather(*(timed(stub, [t], 1 + i % 3) for i, t in enumerate(texts)))
-    alone = [(await timed(stub, [t], 0))[1][0] for t in texts]
-    assert [out[0] for _, out in together] == alone
