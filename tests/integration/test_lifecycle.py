@@ -117,8 +117,12 @@ async def start_stt_call(channel: grpc.aio.Channel) -> Awaitable[None]:
 
 
 async def start_translate_call(channel: grpc.aio.Channel) -> Awaitable[None]:
-    """A Translate call of eight sentences on the default llm backend (seconds of work), under way."""
-    texts = [
+    """A Translate call of 24 sentences on the default llm backend (several seconds of work), under way.
+
+    It must outlast SIGTERM + the drain delay + 0.5 s even when llama.cpp reuses its prompt cache
+    (about 0.3 s a sentence), or the server rightly exits before the test finishes the call.
+    """
+    texts = 3 * [
         "Where is the station?",
         "I would like a ticket to Paris, please.",
         "The train leaves at eight o'clock.",
@@ -167,7 +171,7 @@ async def start_tts_call(channel: grpc.aio.Channel) -> Awaitable[None]:
 CASES = [
     StageCase("vad", "parley.vad.v1.VoiceActivityDetection", start_vad_call),
     StageCase("stt", "parley.stt.v1.SpeechToText", start_stt_call),
-    StageCase("translate", "parley.translate.v1.Translation", start_translate_call),
+    StageCase("translate", "parley.translate.v1.Translation", start_translate_call, ("--grace-s", "60")),
     StageCase(
         "tts",
         "parley.tts.v1.SpeechSynthesis",
@@ -213,7 +217,7 @@ async def test_start_reflect_health_and_drain_on_sigterm(case: StageCase):
             # Finish the call only once the drain delay is over, while server.stop(grace_s) is running.
             await asyncio.sleep(max(0.0, signalled + DRAIN_DELAY_S + 0.5 - time.monotonic()))
             assert server.process.poll() is None, "the server exited with a call in flight"
-            await asyncio.wait_for(completion, 30)
+            await asyncio.wait_for(completion, 60)
         returncode = await asyncio.to_thread(server.process.wait, 30)
         assert returncode == 0, server.log()
         assert "ready, SERVING" in server.log() and "stopped" in server.log()
