@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import re
-import socket
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +40,15 @@ from parley.audio.v1 import audio_pb2
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
 from tests.fixtures.tiny_ct2 import build_tiny_model
-from tests.helpers import SHARED_DATA, ServerProcess, read_manifest, read_wav, start_server
+from tests.helpers import (
+    SHARED_DATA,
+    ServerProcess,
+    batch_counts,
+    free_port,
+    read_manifest,
+    read_wav,
+    start_server,
+)
 
 LEVEL_S = 6.0
 WARMUP_S = 1.0
@@ -75,22 +80,6 @@ class Level:
 
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q)) * 1000 if self.latencies_s else float("nan")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _batch_counts(port: int, name: str) -> tuple[float, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values = []
-    for metric in ("parley_batch_requests", "parley_batch_executions"):
-        found = re.search(rf'^{metric}_total{{name="{name}"}} (\S+)$', text, re.MULTILINE)
-        values.append(float(found.group(1)) if found else 0.0)
-    return values[0], values[1]
 
 
 async def _closed_loop(
@@ -129,9 +118,9 @@ async def _measure(
     async with grpc.aio.insecure_channel(server.address) as channel:
         call = make_call(channel)
         await _closed_loop(call, concurrency, WARMUP_S)
-        before = await asyncio.to_thread(_batch_counts, metrics_port, name)
+        before = await asyncio.to_thread(batch_counts, metrics_port, name)
         requests, units, wall_s, latencies = await _closed_loop(call, concurrency, LEVEL_S)
-        after = await asyncio.to_thread(_batch_counts, metrics_port, name)
+        after = await asyncio.to_thread(batch_counts, metrics_port, name)
     executions = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / executions if executions else float("nan")
     return Level(requests, units, wall_s, latencies, mean_batch)
@@ -207,7 +196,7 @@ def _vad_call(clips: list[bytes]) -> Callable[[grpc.aio.Channel], Callable[[int]
 
 
 def _pair(stage: str, flags: list[str]) -> tuple[tuple[ServerProcess, int], tuple[ServerProcess, int]]:
-    ports = (_free_port(), _free_port())
+    ports = (free_port(), free_port())
     on = start_server(stage, *flags, "--metrics-port", str(ports[0]))
     try:
         off = start_server(stage, *flags, "--max-batch-size", "1", "--metrics-port", str(ports[1]))

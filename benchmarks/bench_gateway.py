@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -31,17 +30,12 @@ from parley.audio.v1 import audio_pb2
 from parley.gateway.v1 import gateway_pb2
 from services.cli import STAGES, LocalCluster
 from services.gateway.client import GatewayClient, paced, split_pcm
+from tests.helpers import free_port
 
 FLEURS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "speech" / "fleurs"
 TARGET_P95_S = 1.2
 CONCURRENCY = (1, 2, 4, 8)
 PAIRS = {"en": "fr", "fr": "en"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _recordings() -> list[tuple[str, bytes]]:
@@ -114,7 +108,7 @@ def main() -> None:
         print(f"skipped: {FLEURS} is missing")
         return
     recordings = _recordings()
-    ports = {stage: _free_port() for stage in STAGES}
+    ports = {stage: free_port() for stage in STAGES}
     log_path = Path(tempfile.mkdtemp(prefix="parley-bench-")) / "cluster.log"
     with log_path.open("w") as log:
         cluster = LocalCluster(ports=ports, log=log)

@@ -26,7 +26,6 @@ import csv
 import datetime
 import os
 import platform
-import socket
 import tempfile
 import time
 import wave
@@ -44,6 +43,7 @@ from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from services.cli import STAGES, LocalCluster
 from services.common.audio import resample
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -71,12 +71,6 @@ TEXT_SETS = [
     ("tatoeba-test.en-fr.tsv", True),
     ("tatoeba-test.fr-tr.tsv", False),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -486,7 +480,7 @@ def main() -> None:
         return
     started = time.perf_counter()
     sections: dict[str, Any] = {"load": os.getloadavg()[0]}
-    ports = {stage: _free_port() for stage in STAGES}
+    ports = {stage: free_port() for stage in STAGES}
     log_path = Path(tempfile.mkdtemp(prefix="parley-eval-")) / "cluster.log"
     with log_path.open("w") as log:
         cluster = LocalCluster(ports=ports, log=log)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +110,25 @@ def start_server(
             raise TimeoutError(f"{stage} server not ready after {timeout_s} s:\n{log_path.read_text()}")
         time.sleep(0.05)
     return ServerProcess(stage, process, ready.read_text().strip(), log_path)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server's --metrics-port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def batch_counts(metrics_port: int, name: str) -> tuple[float, float]:
+    """(requests, executions) of the dynamic batcher ``name``, scraped from a server's /metrics.
+
+    The mean batch size over an interval is the ratio of the differences. A batcher that has not run yet
+    counts (0, 0).
+    """
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = []
+    for metric in ("parley_batch_requests", "parley_batch_executions"):
+        found = re.search(rf'^{metric}_total{{name="{name}"}} (\S+)$', text, re.MULTILINE)
+        values.append(float(found.group(1)) if found else 0.0)
+    return values[0], values[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.batching import BatchingConfig
 from services.common.config import ServerConfig, option
 
 # Whisper's best-known hallucinations on silence and noise: subtitle credits and video outros learnt from
@@ -22,8 +23,36 @@ DEFAULT_HALLUCINATION_PHRASES = (
 
 
 @dataclass(frozen=True)
-class SttConfig(ServerConfig):
-    """Speech-to-text server: Whisper through faster-whisper (CTranslate2), with Silero VAD endpointing."""
+class SttConfig(BatchingConfig, ServerConfig):
+    """Speech-to-text server: Whisper through faster-whisper (CTranslate2), with Silero VAD endpointing.
+
+    Audio is cut into windows (speech found by Silero VAD, at most the longest window bucket); each window
+    is padded to the shortest bucket that holds it plus ``window_margin_s`` and goes through one dynamic
+    batcher (:class:`BatchingConfig`), batched only with windows of the same bucket and decoding settings.
+    The batcher's ``instance_count`` is the number of batches decoded at once (CTranslate2 ``inter_threads``,
+    weights shared); its ``priority_levels`` is fixed at 3 (stream finals, stream interims, Transcribe).
+    """
+
+    max_batch_size: int = option(8, "Most windows decoded in one batch (one encoder and decoder pass).")
+    max_queue_delay_ms: float = option(
+        10.0, "Longest time the oldest queued window waits for company while a model instance is idle, in ms."
+    )
+    max_queue_size: int = option(
+        256, "Windows that may wait in the queue; when full, requests fail RESOURCE_EXHAUSTED. 0 = unbounded."
+    )
+    window_buckets_s: tuple[float, ...] = option(
+        (10.0, 15.0, 20.0, 30.0),
+        "Model input lengths (mel windows) a window is padded to, in s, comma-separated; at most 30 "
+        "(Whisper's window). Shorter windows cost less encoder time; '30' alone is Whisper's fixed window.",
+    )
+    window_margin_s: float = option(
+        1.0, "Silence kept after a window's last sample when choosing its bucket, in s (never cuts speech)."
+    )
+    max_windows_in_flight: int = option(
+        2,
+        "Windows of one request queued or decoding at once; a short request sent during a long "
+        "transcription waits behind at most this many of its windows.",
+    )
 
     model: str = option(
         "base",
@@ -39,10 +68,7 @@ class SttConfig(ServerConfig):
         "float16 on CUDA where the runtime supports it, else int8.",
     )
     cpu_threads: int = option(
-        0, "CTranslate2 threads per worker on CPU; 0: the machine's cores divided by num_workers."
-    )
-    num_workers: int = option(
-        1, "Model calls run at once (CTranslate2 inter_threads; the weights are shared between them)."
+        0, "CTranslate2 threads per model instance on CPU; 0: the machine's cores divided by instance_count."
     )
     beam_size: int = option(
         5,

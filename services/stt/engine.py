@@ -1,15 +1,29 @@
-"""Whisper through faster-whisper (CTranslate2): the model wrapper of the speech-to-text server.
+"""Whisper through CTranslate2 (faster-whisper's model): the speech-to-text server's batched decoder.
 
 Imports no grpc: bad requests raise :class:`services.common.errors.InvalidArgument`. Every method that runs
-the model blocks; call it on an :class:`services.common.inference.InferencePool` thread, never on the
-event loop. faster-whisper decodes lazily while its segment generator is iterated, so
-:meth:`WhisperEngine.transcribe` consumes the generator itself, on the calling (worker) thread.
+a model blocks; call it on a batcher or pool thread, never on the event loop.
 
-Hallucination gates: faster-whisper applies the Whisper paper's no-speech rule itself while decoding (a
-30 s window whose no-speech probability and mean log probability fail the gate is skipped before any text
-is produced, which also keeps invented text out of the next window's prompt); the segments it returns then
-go through :class:`services.stt.filters.HallucinationGates` (the same no-speech rule, the
-compression-ratio gate and the phrase list), and what that drops is returned in ``Transcript.dropped``.
+How audio is decoded (faster-whisper's ``BatchedInferencePipeline``, with adaptive window lengths):
+
+1. :meth:`WhisperEngine.windows` cuts a request's audio into :class:`Window` s: with ``vad_filter`` the
+   speech found by Silero VAD (faster-whisper's ``get_speech_timestamps``) packed into windows of at most
+   the longest bucket (silence between speech removed, times mapped back); without it, fixed cuts of that
+   length. Each window is given the shortest bucket (``window_buckets_s``) that holds it plus
+   ``window_margin_s``: a 4 s utterance is encoded as a 10 s mel window instead of Whisper's padded 30 s,
+   which halved CPU time at equal word error rate (issue 5's measurement; ``benchmarks/bench_stt.py``).
+   CTranslate2's Whisper encoder takes any length up to 3000 frames (30 s).
+2. :meth:`WhisperEngine.transcribe_batch` decodes windows of one bucket together: one stacked mel batch,
+   one encoder pass, language detection where the language was not given, one ``generate`` with a prompt
+   per window (language, task, initial prompt, hotwords), Whisper's temperature fallback for the windows
+   that fail the compression-ratio or log-probability test (re-decoded together by sampling at rising
+   temperatures, as faster-whisper's ``generate_with_fallback``), then word timestamps by cross-attention
+   alignment (faster-whisper's ``add_word_timestamps``).
+3. The servicer merges the windows' transcripts (:func:`merge_transcripts`).
+
+Windows are decoded independently (no previous-text conditioning across windows, as in faster-whisper's
+batched pipeline). Hallucination gates: each window's segments go through
+:class:`services.stt.filters.HallucinationGates` (the Whisper paper's no-speech rule, the compression-ratio
+gate and the phrase list); what they drop is returned in ``Transcript.dropped``.
 """
 
 from __future__ import annotations
@@ -17,10 +31,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+import threading
+import zlib
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
+from services.common.devices import check_device
 from services.common.errors import InvalidArgument
 from services.common.models import resolve_whisper, silero_vad_path
 from services.stt.config import SttConfig
@@ -32,6 +51,14 @@ logger = logging.getLogger(__name__)
 SAMPLE_RATE_HZ = 16000
 TRANSCRIBE = "transcribe"
 TRANSLATE = "translate"
+MAX_WINDOW_S = 30.0  # Whisper's encoder input: 3000 mel frames of 10 ms
+FRAMES_PER_SECOND = 100  # mel frames (hop of 160 samples at 16 kHz)
+TIME_PRECISION_S = 0.02  # one timestamp token
+TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # Whisper's fallback schedule
+BEST_OF = 5  # hypotheses sampled per window at a fallback temperature (faster-whisper's best_of)
+MAX_INITIAL_TIMESTAMP_S = 1.0
+PREPEND_PUNCTUATIONS = "\"'“¿([{-"
+APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 
 # Deprecated or non-Whisper spellings of languages Whisper knows under another code.
 _LANGUAGE_ALIASES = {"iw": "he", "in": "id", "ji": "yi", "jv": "jw", "nb": "no", "fil": "tl"}
@@ -40,7 +67,7 @@ _BCP47 = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*$")
 
 @dataclass(frozen=True)
 class Word:
-    """One word with its timing; times in seconds from the start of the audio given to the model."""
+    """One word with its timing; times in seconds from the start of the request's audio."""
 
     start_s: float
     end_s: float
@@ -50,11 +77,11 @@ class Word:
 
 @dataclass(frozen=True)
 class Segment:
-    """One decoded segment; times in seconds from the start of the audio given to the model.
+    """One decoded segment; times in seconds from the start of the request's audio.
 
     Attributes:
-        avg_logprob: Mean natural-log probability of its tokens (<= 0).
-        no_speech_prob: Probability that its 30 s window held no speech, in [0, 1].
+        avg_logprob: Mean natural-log probability of its window's tokens (<= 0).
+        no_speech_prob: Probability that its window held no speech, in [0, 1].
         compression_ratio: gzip compression ratio of its text.
         words: Filled when word timestamps were requested.
     """
@@ -79,6 +106,8 @@ class Transcript:
         duration_s: Duration of the audio given, in seconds.
         segments: Segments kept.
         dropped: Segments dropped by the hallucination filter.
+
+    Times are seconds from the start of the request's audio.
     """
 
     text: str
@@ -153,14 +182,184 @@ def whisper_language(
     )
 
 
-class WhisperEngine:
-    """A faster-whisper ``WhisperModel`` plus the Silero VAD session used for streaming endpointing.
+@dataclass(frozen=True)
+class Window:
+    """One model input: speech cut from a request's audio, decoded in a mel window of ``window_s``.
+
+    Attributes:
+        audio: float32 in [-1, 1], shape (n,), 16 kHz, n <= window_s * 16000: the ``spans`` concatenated.
+        spans_s: (start_s, end_s) of each piece of the request's audio in ``audio``, in order.
+        window_s: Mel window length (the batch bucket), in seconds.
+        options: Decoding options.
+    """
+
+    audio: np.ndarray
+    spans_s: tuple[tuple[float, float], ...]
+    window_s: float
+    options: DecodeOptions
+
+    def request_time_s(self, t_s: float) -> float:
+        """Maps a time in ``audio`` (s) to the request's audio (s); later times extend the last span."""
+        elapsed_s = 0.0
+        for start_s, end_s in self.spans_s:
+            length_s = end_s - start_s
+            if t_s <= elapsed_s + length_s:
+                return start_s + max(0.0, t_s - elapsed_s)
+            elapsed_s += length_s
+        start_s, end_s = self.spans_s[-1]
+        return end_s + (t_s - elapsed_s)
+
+
+class SttBackend(Protocol):
+    """What the speech-to-text servicer needs from a backend (Whisper here, or an HTTP transcription server).
+
+    The servicer cuts audio with ``windows`` (on a pool thread), batches windows of equal ``batch_key``
+    through its dynamic batcher into ``transcribe_batch`` (on ``workers`` instance threads), and runs
+    ``vad_stream`` states for streaming endpointing.
+    """
+
+    sample_rate_hz: int
+    workers: int
+
+    def options(
+        self,
+        *,
+        language: str = "",
+        translate: bool = False,
+        beam_size: int = 0,
+        word_timestamps: bool = False,
+        initial_prompt: str = "",
+        hotwords: str = "",
+        vad_filter: bool | None = None,
+    ) -> DecodeOptions:
+        """Validates request settings; raises InvalidArgument."""
+
+    def windows(self, audio: np.ndarray, options: DecodeOptions) -> list[Window]:
+        """Cuts float32 16 kHz audio into model inputs, in time order."""
+
+    def batch_key(self, window: Window) -> Hashable:
+        """Windows with different keys never share a batch."""
+
+    def transcribe_batch(self, windows: Sequence[Window]) -> list[Transcript]:
+        """One transcript per window, times in the request's audio; blocking."""
+
+    def vad_stream(self) -> StreamingSilero:
+        """A new incremental VAD state for one stream."""
+
+    def warm(self) -> None:
+        """Pays start-up costs before the first request."""
+
+    def close(self) -> None:
+        """Releases what the backend holds (threads, connections)."""
+
+
+def pack_spans(speech: Sequence[tuple[int, int]], max_window_samples: int) -> list[list[tuple[int, int]]]:
+    """Packs speech spans (sample ranges, in order) into windows of at most ``max_window_samples`` of speech.
+
+    A span is never cut unless it alone is longer than a window (then it is cut at the window length).
+    Unlike faster-whisper's ``collect_chunks``, every span is kept with the window that holds its audio.
+    """
+    windows: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    filled = 0
+    for start, end in speech:
+        while end - start > 0:
+            take = min(end - start, max_window_samples)
+            if filled + take > max_window_samples:
+                windows.append(current)
+                current, filled = [], 0
+            current.append((start, start + take))
+            filled += take
+            start += take
+    if current:
+        windows.append(current)
+    return windows
+
+
+def bucket_s(duration_s: float, buckets_s: Sequence[float], margin_s: float) -> float:
+    """The shortest bucket holding ``duration_s + margin_s``; the longest bucket when none does."""
+    fitting = [b for b in buckets_s if b >= duration_s + margin_s]
+    return min(fitting) if fitting else max(buckets_s)
+
+
+def segments_from_tokens(
+    tokens: Sequence[int], timestamp_begin: int, duration_s: float
+) -> list[tuple[float, float, list[int]]]:
+    """Splits Whisper output tokens at timestamp tokens into (start_s, end_s, tokens) segments.
+
+    Whisper writes ``<|t0|> text <|t1|>`` per segment (consecutive segments give ``<|t1|><|t1|>``); a
+    timestamp token ``k`` is ``k * 0.02`` s into the window. Text after the last timestamp ends at
+    ``duration_s``. The returned token lists keep their timestamp tokens (word alignment drops them).
+    """
+    segments: list[tuple[float, float, list[int]]] = []
+    start_s: float | None = None
+    current: list[int] = []
+    for token in tokens:
+        if token >= timestamp_begin:
+            time_s = (token - timestamp_begin) * TIME_PRECISION_S
+            if any(t < timestamp_begin for t in current):
+                segments.append((start_s or 0.0, min(time_s, duration_s), current + [token]))
+                current, start_s = [], None
+            else:
+                start_s, current = time_s, [token]
+        else:
+            current.append(token)
+    if any(t < timestamp_begin for t in current):
+        segments.append((start_s or 0.0, duration_s, current))
+    return segments
+
+
+def compression_ratio(text: str) -> float:
+    """gzip-style compression ratio of ``text`` (Whisper's repetition test; faster-whisper's formula)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def merge_transcripts(parts: Sequence[Transcript], duration_s: float, language: str) -> Transcript:
+    """Joins the transcripts of one request's windows, in order.
 
     Args:
-        config: Server settings (model, device, compute type, threads, workers, gates).
+        parts: One transcript per window, times already in the request's audio.
+        duration_s: The request's audio duration, in seconds.
+        language: Reported when no window was decoded (no speech): the requested language or "".
+    """
+    if not parts:
+        return Transcript(text="", language=language, language_probability=0.0, duration_s=duration_s)
+    segments = [s for p in parts for s in p.segments]
+    return Transcript(
+        text=" ".join(p.text for p in parts if p.text),
+        language=parts[0].language,
+        language_probability=parts[0].language_probability,
+        duration_s=duration_s,
+        segments=segments,
+        dropped=[s for p in parts for s in p.dropped],
+    )
+
+
+@dataclass
+class _Decoded:
+    """One window's best decode so far."""
+
+    tokens: list[int]
+    text: str
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+
+
+class WhisperEngine:
+    """A CTranslate2 Whisper model (loaded by faster-whisper) that decodes batches of windows.
+
+    ``transcribe_batch`` may be called from ``instance_count`` threads at once: CTranslate2 runs that many
+    batches in parallel (``inter_threads``) on shared weights, and releases the GIL.
+
+    Args:
+        config: Server settings (model, device, compute type, threads, instances, windows, gates).
 
     Raises:
-        ValueError, RuntimeError: From CTranslate2 when the model or device cannot be loaded.
+        FailedPrecondition: The configured CUDA device or compute type is not available here.
+        ValueError: A window bucket outside (0, 30] s.
+        RuntimeError: From CTranslate2 when the model cannot be loaded.
     """
 
     sample_rate_hz = SAMPLE_RATE_HZ
@@ -168,9 +367,17 @@ class WhisperEngine:
     def __init__(self, config: SttConfig):
         import ctranslate2
         from faster_whisper import WhisperModel
-        from faster_whisper.tokenizer import _LANGUAGE_CODES
+        from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
 
+        bad = [b for b in config.window_buckets_s if not 0 < b <= MAX_WINDOW_S]
+        if bad or not config.window_buckets_s:
+            raise ValueError(
+                f"--window-buckets-s must list lengths in (0, {MAX_WINDOW_S:g}] s (Whisper's window), got "
+                f"{list(config.window_buckets_s)}"
+            )
+        check_device(config.device, config.device_index, config.compute_type)
         self.config = config
+        self.workers = config.instance_count
         compute_type = config.compute_type
         if compute_type == "auto":
             if config.device == "cpu":
@@ -178,7 +385,7 @@ class WhisperEngine:
             else:
                 supported = ctranslate2.get_supported_compute_types(config.device, config.device_index)
                 compute_type = "float16" if "float16" in supported else "int8"
-        cpu_threads = config.cpu_threads or max(1, _cpu_count() // max(1, config.num_workers))
+        cpu_threads = config.cpu_threads or max(1, _cpu_count() // max(1, config.instance_count))
         path = resolve_whisper(config.model)
         self.model = WhisperModel(
             path,
@@ -186,34 +393,41 @@ class WhisperEngine:
             device_index=config.device_index,
             compute_type=compute_type,
             cpu_threads=cpu_threads,
-            num_workers=config.num_workers,
+            num_workers=config.instance_count,
             local_files_only=True,
         )
         self.multilingual = bool(self.model.model.is_multilingual)
         self.known_languages = frozenset(_LANGUAGE_CODES)
-        tokenizer = self.model.hf_tokenizer
+        hf_tokenizer = self.model.hf_tokenizer
         self.languages = (
-            frozenset(code for code in _LANGUAGE_CODES if tokenizer.token_to_id(f"<|{code}|>") is not None)
+            frozenset(code for code in _LANGUAGE_CODES if hf_tokenizer.token_to_id(f"<|{code}|>") is not None)
             if self.multilingual
             else frozenset({"en"})
         )
+        self._tokenizer_class = Tokenizer
+        self._tokenizers: dict[tuple[str, str], Tokenizer] = {}
+        self._tokenizers_lock = threading.Lock()
         self.gates = HallucinationGates(
             no_speech_threshold=config.no_speech_threshold,
             log_prob_threshold=config.log_prob_threshold,
             compression_ratio_threshold=config.compression_ratio_threshold,
             phrases=config.hallucination_phrases,
         )
+        self.buckets_s = tuple(sorted(set(config.window_buckets_s)))
+        self.max_window_s = self.buckets_s[-1]
         self.vad = SileroSession(silero_vad_path())
         logger.info(
-            "whisper %s loaded from %s: device %s:%d, %s, %d thread(s) x %d worker(s), %d language(s)",
+            "whisper %s loaded from %s: device %s:%d, %s, %d thread(s) x %d instance(s), %d language(s), "
+            "windows %s s",
             config.model,
             path,
             config.device,
             config.device_index,
             compute_type,
             cpu_threads,
-            config.num_workers,
+            config.instance_count,
             len(self.languages),
+            ",".join(f"{b:g}" for b in self.buckets_s),
         )
 
     def options(
@@ -253,70 +467,268 @@ class WhisperEngine:
             vad_filter=self.config.vad_filter if vad_filter is None else vad_filter,
         )
 
-    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
-        """Transcribes (or translates) one clip; blocking, call it on a worker thread.
+    def windows(self, audio: np.ndarray, options: DecodeOptions) -> list[Window]:
+        """Cuts a request's audio into windows (see the module docstring); blocking (runs Silero VAD).
 
         Args:
             audio: float32 in [-1, 1], shape (n_samples,), 16 kHz mono.
-            options: From :meth:`options`.
+            options: From :meth:`options`; ``vad_filter`` chooses speech windows or fixed cuts.
 
         Returns:
-            The transcript, with hallucinated segments moved to ``dropped``.
+            The windows in time order; empty when there is no audio or no speech.
         """
-        duration_s = len(audio) / SAMPLE_RATE_HZ
-        temperature = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if options.temperature_fallback else 0.0
-        segments, info = self.model.transcribe(
-            audio,
-            language=options.language,
-            task=options.task,
-            beam_size=options.beam_size,
-            word_timestamps=options.word_timestamps,
-            initial_prompt=options.initial_prompt,
-            hotwords=options.hotwords,
-            vad_filter=options.vad_filter,
-            temperature=temperature,
-            no_speech_threshold=self.gates.no_speech_threshold,
-            log_prob_threshold=self.gates.log_prob_threshold,
-            compression_ratio_threshold=self.gates.compression_ratio_threshold,
+        from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+        max_samples = int(self.max_window_s * SAMPLE_RATE_HZ)
+        if options.vad_filter:
+            vad = VadOptions(max_speech_duration_s=self.max_window_s, min_silence_duration_ms=160)
+            speech = [(ts["start"], ts["end"]) for ts in get_speech_timestamps(audio, vad)]
+        else:
+            speech = [(0, len(audio))] if len(audio) else []
+        windows = []
+        for spans in pack_spans(speech, max_samples):
+            pieces = np.concatenate([audio[start:end] for start, end in spans])
+            duration_s = len(pieces) / SAMPLE_RATE_HZ
+            windows.append(
+                Window(
+                    audio=pieces,
+                    spans_s=tuple((start / SAMPLE_RATE_HZ, end / SAMPLE_RATE_HZ) for start, end in spans),
+                    window_s=bucket_s(duration_s, self.buckets_s, self.config.window_margin_s),
+                    options=options,
+                )
+            )
+        return windows
+
+    @staticmethod
+    def batch_key(window: Window) -> Hashable:
+        """Windows sharing a batch share a bucket, beam size and fallback; word alignment also a language."""
+        o = window.options
+        return (window.window_s, o.beam_size, o.temperature_fallback, o.word_timestamps and o.language)
+
+    def transcribe_batch(self, windows: Sequence[Window]) -> list[Transcript]:
+        """Decodes windows of one :meth:`batch_key` together; blocking, call it on an instance thread.
+
+        Args:
+            windows: 1..max_batch_size windows with equal :meth:`batch_key`.
+
+        Returns:
+            One transcript per window, in order, times in the request's audio, hallucinated segments moved
+            to ``dropped``. ``duration_s`` is the window's speech duration.
+        """
+        window_s = windows[0].window_s
+        frames = int(round(window_s * FRAMES_PER_SECOND))
+        features = np.stack([self._features(w.audio, window_s, frames) for w in windows])
+        encoder_output = self.model.encode(features)
+        languages = self._languages(windows, encoder_output)
+        tokenizers = [
+            self._tokenizer(w.options.task, lang) for w, (lang, _) in zip(windows, languages, strict=True)
+        ]
+        prompts = [self._prompt(w.options, t) for w, t in zip(windows, tokenizers, strict=True)]
+        options = windows[0].options
+        decoded = self._generate(
+            encoder_output, prompts, tokenizers, beam_size=options.beam_size, temperature=0.0
         )
-        decoded = [_segment(s) for s in segments]  # decoding happens here, on this thread
-        kept, dropped = split_hallucinations(decoded, self.gates)
-        return Transcript(
-            text="".join(s.text for s in kept).strip(),
-            language=info.language,
-            language_probability=float(info.language_probability),
-            duration_s=duration_s,
-            segments=kept,
-            dropped=dropped,
+        if options.temperature_fallback:
+            self._fall_back(decoded, features, prompts, tokenizers)
+        results = []
+        splits = [
+            segments_from_tokens(d.tokens, t.timestamp_begin, len(w.audio) / SAMPLE_RATE_HZ)
+            for d, t, w in zip(decoded, tokenizers, windows, strict=True)
+        ]
+        words = (
+            self._words(splits, tokenizers[0], encoder_output, features, windows)
+            if options.word_timestamps
+            else [[() for _ in split] for split in splits]
         )
+        for window, d, tokenizer, split, split_words, (language, probability) in zip(
+            windows, decoded, tokenizers, splits, words, languages, strict=True
+        ):
+            segments = []
+            for (start_s, end_s, tokens), segment_words in zip(split, split_words, strict=True):
+                text = tokenizer.decode([t for t in tokens if t < tokenizer.eot])
+                segments.append(
+                    Segment(
+                        start_s=round(window.request_time_s(start_s), 3),
+                        end_s=round(window.request_time_s(end_s), 3),
+                        text=text,
+                        avg_logprob=d.avg_logprob,
+                        no_speech_prob=d.no_speech_prob,
+                        compression_ratio=compression_ratio(text),
+                        words=tuple(
+                            replace(
+                                w,
+                                start_s=window.request_time_s(w.start_s),
+                                end_s=window.request_time_s(w.end_s),
+                            )
+                            for w in segment_words
+                        ),
+                    )
+                )
+            kept, dropped = split_hallucinations(segments, self.gates)
+            results.append(
+                Transcript(
+                    text="".join(s.text for s in kept).strip(),
+                    language=language,
+                    language_probability=probability,
+                    duration_s=len(window.audio) / SAMPLE_RATE_HZ,
+                    segments=kept,
+                    dropped=dropped,
+                )
+            )
+        return results
+
+    def _features(self, audio: np.ndarray, window_s: float, frames: int) -> np.ndarray:
+        """Log-mel features of ``audio`` zero-padded to ``window_s``: shape (n_mels, frames), float32."""
+        padded = np.zeros(int(round(window_s * SAMPLE_RATE_HZ)), dtype=np.float32)
+        padded[: len(audio)] = audio[: len(padded)]
+        return self.model.feature_extractor(padded, padding=0)[:, :frames].astype(np.float32, copy=False)
+
+    def _languages(self, windows: Sequence[Window], encoder_output) -> list[tuple[str, float]]:
+        """(code, probability) per window: the requested language, or Whisper's detection."""
+        if all(w.options.language for w in windows) or not self.multilingual:
+            return [(w.options.language or "en", 1.0) for w in windows]
+        detected = self.model.model.detect_language(encoder_output)
+        languages = []
+        for window, ranked in zip(windows, detected, strict=True):
+            if window.options.language:
+                languages.append((window.options.language, 1.0))
+                continue
+            token, probability = next(
+                ((tok, p) for tok, p in ranked if tok[2:-2] in self.languages), (ranked[0][0], ranked[0][1])
+            )
+            languages.append((token[2:-2], float(probability)))
+        return languages
+
+    def _tokenizer(self, task: str, language: str):
+        key = (task, language)
+        with self._tokenizers_lock:
+            if key not in self._tokenizers:
+                self._tokenizers[key] = self._tokenizer_class(
+                    self.model.hf_tokenizer, self.multilingual, task=task, language=language
+                )
+            return self._tokenizers[key]
+
+    def _prompt(self, options: DecodeOptions, tokenizer) -> list[int]:
+        previous = tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
+        return self.model.get_prompt(tokenizer, previous, without_timestamps=False, hotwords=options.hotwords)
+
+    def _generate(
+        self, encoder_output, prompts, tokenizers, *, beam_size: int, temperature: float
+    ) -> list[_Decoded]:
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        if temperature > 0:
+            search = {
+                "beam_size": 1,
+                "num_hypotheses": BEST_OF,
+                "sampling_topk": 0,
+                "sampling_temperature": temperature,
+            }
+        else:
+            search = {"beam_size": beam_size}
+        results = self.model.model.generate(
+            encoder_output,
+            prompts,
+            max_length=self.model.max_length,
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=list(get_suppressed_tokens(tokenizers[0], [-1])),
+            max_initial_timestamp_index=int(round(MAX_INITIAL_TIMESTAMP_S / TIME_PRECISION_S)),
+            **search,
+        )
+        decoded = []
+        for result, tokenizer in zip(results, tokenizers, strict=True):
+            tokens = result.sequences_ids[0]
+            # faster-whisper recovers the mean log probability from CTranslate2's length-normalised score.
+            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            text = tokenizer.decode([t for t in tokens if t < tokenizer.eot]).strip()
+            decoded.append(
+                _Decoded(tokens, text, avg_logprob, result.no_speech_prob, compression_ratio(text))
+            )
+        return decoded
+
+    def _needs_fallback(self, d: _Decoded) -> bool:
+        """Whisper's fallback test: too repetitive or too unlikely, unless the window is silence."""
+        g = self.gates
+        failed = d.compression_ratio > g.compression_ratio_threshold or d.avg_logprob < g.log_prob_threshold
+        silent = d.no_speech_prob > g.no_speech_threshold and d.avg_logprob < g.log_prob_threshold
+        return failed and not silent
+
+    def _fall_back(self, decoded: list[_Decoded], features: np.ndarray, prompts, tokenizers) -> None:
+        """Re-decodes failing windows by sampling at rising temperatures, in place.
+
+        faster-whisper's rule: the first decode that passes, else the most likely one under the
+        compression-ratio limit, else the most likely one.
+        """
+        attempts: dict[int, list[_Decoded]] = {}
+        for temperature in TEMPERATURES[1:]:
+            failing = [i for i, d in enumerate(decoded) if self._needs_fallback(d)]
+            if not failing:
+                break
+            for i in failing:
+                attempts.setdefault(i, [decoded[i]])
+            encoder_output = self.model.encode(features[failing])
+            retried = self._generate(
+                encoder_output,
+                [prompts[i] for i in failing],
+                [tokenizers[i] for i in failing],
+                beam_size=1,
+                temperature=temperature,
+            )
+            for i, d in zip(failing, retried, strict=True):
+                attempts[i].append(d)
+                decoded[i] = d
+        for i, tried in attempts.items():
+            if self._needs_fallback(decoded[i]):
+                readable = [d for d in tried if d.compression_ratio <= self.gates.compression_ratio_threshold]
+                decoded[i] = max(readable or tried, key=lambda d: d.avg_logprob)
+
+    def _words(self, splits, tokenizer, encoder_output, features, windows) -> list[list[tuple[Word, ...]]]:
+        """Word timings per segment per window, in window time (faster-whisper's alignment)."""
+        aligned = [i for i, split in enumerate(splits) if split]
+        words: list[list[tuple[Word, ...]]] = [[] for _ in splits]
+        if not aligned:
+            return words
+        if len(aligned) < len(splits):
+            encoder_output = self.model.encode(features[aligned])
+        segments = [
+            [
+                {"tokens": tokens, "start": start_s, "end": end_s, "seek": 0}
+                for start_s, end_s, tokens in splits[i]
+            ]
+            for i in aligned
+        ]
+        frames = [int(np.ceil(len(windows[i].audio) / SAMPLE_RATE_HZ) * FRAMES_PER_SECOND) for i in aligned]
+        self.model.add_word_timestamps(
+            segments, tokenizer, encoder_output, frames, PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS, 0.0
+        )
+        for i, window_segments in zip(aligned, segments, strict=True):
+            words[i] = [
+                tuple(
+                    Word(float(w["start"]), float(w["end"]), w["word"], float(w["probability"]))
+                    for w in s["words"]
+                )
+                for s in window_segments
+            ]
+        return words
 
     def vad_stream(self) -> StreamingSilero:
         """A new incremental Silero VAD state for one stream."""
         return self.vad.stream()
 
     def warm(self) -> None:
-        """Runs the encoder, decoder and both VADs once, so the first request pays no start-up cost."""
+        """Decodes a tone and runs both VADs, so the first request pays no start-up cost."""
         t = np.arange(SAMPLE_RATE_HZ, dtype=np.float32) / SAMPLE_RATE_HZ
         tone = (0.1 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
         language = "en" if "en" in self.languages else None
-        self.transcribe(
-            tone, DecodeOptions(language=language, beam_size=self.config.beam_size, vad_filter=False)
-        )
-        self.transcribe(tone, DecodeOptions(language=language, beam_size=1, vad_filter=True))
+        options = DecodeOptions(language=language, beam_size=self.config.beam_size, vad_filter=False)
+        self.transcribe_batch(self.windows(tone, options))
+        self.windows(tone, replace(options, vad_filter=True))
         self.vad_stream()(tone)
 
-
-def _segment(s) -> Segment:
-    words = tuple(Word(float(w.start), float(w.end), w.word, float(w.probability)) for w in (s.words or ()))
-    return Segment(
-        start_s=float(s.start),
-        end_s=float(s.end),
-        text=s.text,
-        avg_logprob=float(s.avg_logprob),
-        no_speech_prob=float(s.no_speech_prob),
-        compression_ratio=float(s.compression_ratio),
-        words=words,
-    )
+    def close(self) -> None:
+        """Nothing to release beyond what garbage collection frees (the stage's ``close`` hook)."""
 
 
 def _cpu_count() -> int:

@@ -1,11 +1,14 @@
 """``parley.stt.v1.SpeechToText``: proto <-> engine, for whole clips and for streams.
 
 Errors are raised as :mod:`services.common.errors` exceptions; the shared interceptor maps them to status
-codes. Whisper calls go through the dynamic batcher as an instance group
-(:class:`~services.common.inference.BatchedPool`, ``num_workers`` threads, batches of one) in priority
-order: streaming finals first, then interim results, then Transcribe; a call still queued when its
-deadline passes is never made. Streaming VAD runs on a pool of its own so endpointing never waits behind
-a long transcription.
+codes. Audio is cut into windows (:meth:`~services.stt.engine.WhisperEngine.windows`, on the VAD pool) and
+each window is one item of the dynamic batcher (:class:`~services.common.batching.DynamicBatcher`), batched
+with windows of the same bucket (``batch_key``), in priority order: streaming finals first, then interim
+results, then Transcribe; a window still queued when its call's deadline passes is never decoded. A long
+request keeps at most ``max_windows_in_flight`` windows in the queue, so a short request sent meanwhile
+waits behind a few windows, never behind the whole file. When the language must be detected, the first
+window is decoded alone and the others with its language (faster-whisper detects on the first 30 s too).
+Streaming VAD runs on a pool of its own so endpointing never waits behind a long transcription.
 
 Streaming: a reader task moves incoming messages into a bounded queue (its bound is the back-pressure on a
 client that sends faster than the server decodes). The main loop takes everything queued at once, runs the
@@ -26,11 +29,12 @@ import numpy as np
 
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import PcmStream, decode_pcm
+from services.common.batching import DynamicBatcher
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from services.common.inference import BatchedPool, InferencePool
+from services.common.inference import InferencePool
 from services.stt.config import SttConfig
 from services.stt.endpointing import EndpointParams, Utterance, UtteranceTracker
-from services.stt.engine import DecodeOptions, Segment, Transcript, WhisperEngine
+from services.stt.engine import DecodeOptions, Segment, SttBackend, Transcript, Window, merge_transcripts
 from services.stt.filters import stability
 
 logger = logging.getLogger(__name__)
@@ -73,17 +77,23 @@ def _check_deadline(context: grpc.aio.ServicerContext) -> None:
 
 
 class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
-    """Serves ``Transcribe`` and ``StreamingRecognize`` from one :class:`WhisperEngine`.
+    """Serves ``Transcribe`` and ``StreamingRecognize`` from one STT backend.
 
     Args:
-        engine: The loaded, warmed engine.
-        config: Server settings (defaults, endpointing, limits).
+        engine: The loaded, warmed backend (:class:`~services.stt.engine.SttBackend`).
+        config: Server settings (defaults, batching, endpointing, limits).
     """
 
-    def __init__(self, engine: WhisperEngine, config: SttConfig):
+    def __init__(self, engine: SttBackend, config: SttConfig):
         self._engine = engine
         self._config = config
-        self._pool = BatchedPool("stt-whisper", config.num_workers, priority_levels=_LEVELS)
+        batching = dataclasses.replace(config, priority_levels=_LEVELS, instance_count=engine.workers)
+        self._batcher: DynamicBatcher[Window, Transcript] = DynamicBatcher(
+            "stt",
+            [engine.transcribe_batch] * batching.instance_count,
+            batching,
+            batch_key=engine.batch_key,
+        )
         self._vad_pool = InferencePool("stt-vad", 2)
         self._endpoint = EndpointParams(
             threshold=config.vad_threshold,
@@ -95,9 +105,44 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
         self._streams = 0
 
     def close(self) -> None:
-        """Waits for running model calls, then stops the worker threads."""
-        self._pool.close()
+        """Decodes the queued windows, then stops the batcher and VAD threads (blocking)."""
+        self._batcher.close(drain=True)
         self._vad_pool.close()
+
+    async def _decode(
+        self,
+        audio: np.ndarray,
+        options: DecodeOptions,
+        context: grpc.aio.ServicerContext,
+        priority: int,
+    ) -> Transcript:
+        """Transcribes one clip through the batcher, window by window (see the module docstring).
+
+        Raises:
+            DeadlineExceeded: The deadline passed before a window was decoded.
+            ResourceExhausted: The batcher's queue is full.
+        """
+        _check_deadline(context)
+        windows = await self._vad_pool.run(self._engine.windows, audio, options)
+        duration_s = len(audio) / self._engine.sample_rate_hz
+
+        async def decode(window: Window) -> Transcript:
+            _check_deadline(context)
+            return await self._batcher.submit(window, timeout_s=context.time_remaining(), priority=priority)
+
+        parts = []
+        if options.language is None and len(windows) > 1:
+            parts.append(await decode(windows[0]))
+            detected = dataclasses.replace(options, language=parts[0].language)
+            windows = [dataclasses.replace(w, options=detected) for w in windows[1:]]
+        in_flight = asyncio.Semaphore(self._config.max_windows_in_flight)
+
+        async def bounded(window: Window) -> Transcript:
+            async with in_flight:
+                return await decode(window)
+
+        parts += await asyncio.gather(*(bounded(w) for w in windows))
+        return merge_transcripts(parts, duration_s, options.language or "")
 
     def _options(self, config: stt_pb2.RecognitionConfig) -> DecodeOptions:
         return self._engine.options(
@@ -131,14 +176,7 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
             target_rate_hz=self._engine.sample_rate_hz,
             max_duration_s=self._config.max_audio_s,
         )
-        _check_deadline(context)
-        result: Transcript = await self._pool.submit(
-            self._engine.transcribe,
-            audio,
-            options,
-            timeout_s=context.time_remaining(),
-            priority=_TRANSCRIBE_PRIORITY,
-        )
+        result = await self._decode(audio, options, context, _TRANSCRIBE_PRIORITY)
         return stt_pb2.TranscribeResponse(
             request_id=request.request_id,
             text=result.text,
@@ -232,14 +270,7 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
                 if ended:
                     utterances += tracker.finish()
                 for utterance in utterances:
-                    _check_deadline(context)
-                    transcript = await self._pool.submit(
-                        self._engine.transcribe,
-                        utterance.audio,
-                        options,
-                        timeout_s=context.time_remaining(),
-                        priority=_FINAL_PRIORITY,
-                    )
+                    transcript = await self._decode(utterance.audio, options, context, _FINAL_PRIORITY)
                     if not transcript.text and utterance.index not in public_index:
                         continue  # nothing was said and nothing was shown: no result
                     index = public_index.setdefault(utterance.index, len(public_index))
@@ -248,13 +279,8 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
                     current = tracker.interim(interval)
                     if current is None:
                         continue
-                    _check_deadline(context)
-                    transcript = await self._pool.submit(
-                        self._engine.transcribe,
-                        current.audio,
-                        interim_options,
-                        timeout_s=context.time_remaining(),
-                        priority=_INTERIM_PRIORITY,
+                    transcript = await self._decode(
+                        current.audio, interim_options, context, _INTERIM_PRIORITY
                     )
                     if not transcript.text:
                         continue

@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
-import re
-import socket
-import urllib.request
 
 import grpc
 import pytest
@@ -20,19 +17,13 @@ from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from services.translate.config import Backend, TranslateConfig
 from services.translate.engine import load_engine
 from tests.fixtures.tiny_ct2 import build_tiny_model
-from tests.helpers import shared_data, start_server
+from tests.helpers import batch_counts, free_port, shared_data, start_server
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
 
 DECODE_TOKENS = 24
 QUEUE_DELAY_MS = 20.0
 REQUESTS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +92,6 @@ def unbatched(nllb_dir, texts: list[str], pairs: list[tuple[str, str]]) -> list[
         engine.close()
 
 
-def batch_counts(port: int) -> tuple[float, float]:
-    """(requests, executions) of the translate batcher, scraped from the server's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-
-    def value(metric: str) -> float:
-        found = re.search(rf'^{metric}_total{{name="translate"}} (\S+)$', text, re.MULTILINE)
-        assert found, f"{metric} missing from /metrics"
-        return float(found.group(1))
-
-    return value("parley_batch_requests"), value("parley_batch_executions")
-
-
 async def translate(stub, text, source="en", target="fr", priority=0):
     request = translate_pb2.TranslateRequest(
         request_id="b", texts=[text], source_language=source, target_language=target, priority=priority
@@ -130,14 +108,14 @@ async def test_concurrent_requests_share_batches_and_equal_unbatched_results(
     expected = await asyncio.to_thread(unbatched, nllb_dir, texts, pairs)
     assert len(set(expected)) >= REQUESTS - 2, "outputs depend on the input: the comparison means something"
 
-    requests_before, executions_before = await asyncio.to_thread(batch_counts, metrics_port)
+    requests_before, executions_before = await asyncio.to_thread(batch_counts, metrics_port, "translate")
     got = await asyncio.gather(
         *(
             translate(stub, t, s, d, priority=1 + i % 3)
             for i, (t, (s, d)) in enumerate(zip(texts, pairs, strict=True))
         )
     )
-    requests_after, executions_after = await asyncio.to_thread(batch_counts, metrics_port)
+    requests_after, executions_after = await asyncio.to_thread(batch_counts, metrics_port, "translate")
 
     assert got == expected
     items = requests_after - requests_before

@@ -8,9 +8,6 @@ clip cut into many items (Detect) exactly the segments of the unbatched engine.
 from __future__ import annotations
 
 import asyncio
-import re
-import socket
-import urllib.request
 
 import grpc
 import numpy as np
@@ -20,7 +17,7 @@ from parley.audio.v1 import audio_pb2
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
 from services.common.models import silero_vad_path
 from services.vad.engine import SileroVad, VadParams
-from tests.helpers import read_manifest, read_wav, start_server
+from tests.helpers import batch_counts, free_port, read_manifest, read_wav, start_server
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
 
@@ -28,12 +25,6 @@ PCM16_16K = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=1
 CHUNK_BYTES = 3200  # 100 ms of PCM_S16LE at 16 kHz: 3 or 4 model windows per call
 STREAMS = 8
 DETECT_FRAMES_PER_CALL = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -91,25 +82,14 @@ async def stream(stub, audio: bytes) -> list[tuple[str, int, int]]:
     return await asyncio.wait_for(collect(), 120)
 
 
-def batch_counts(port: int) -> tuple[float, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values = []
-    for metric in ("parley_batch_requests", "parley_batch_executions"):
-        found = re.search(rf'^{metric}_total{{name="vad"}} (\S+)$', text, re.MULTILINE)
-        assert found, f"{metric} missing from /metrics"
-        values.append(float(found.group(1)))
-    return values[0], values[1]
-
-
 async def test_concurrent_streams_each_get_the_events_they_get_alone(stub, metrics_port):
     clips = recordings()
     alone = [await stream(stub, pcm) for pcm in clips]
     assert all(any(kind == "end" for kind, *_ in events) for events in alone), "speech is found"
     chosen = [clips[i % len(clips)] for i in range(STREAMS)]
-    requests_before, executions_before = await asyncio.to_thread(batch_counts, metrics_port)
+    requests_before, executions_before = await asyncio.to_thread(batch_counts, metrics_port, "vad")
     together = await asyncio.gather(*(stream(stub, pcm) for pcm in chosen))
-    requests_after, executions_after = await asyncio.to_thread(batch_counts, metrics_port)
+    requests_after, executions_after = await asyncio.to_thread(batch_counts, metrics_port, "vad")
     assert together == [alone[i % len(clips)] for i in range(STREAMS)]
     items = requests_after - requests_before
     executions = executions_after - executions_before

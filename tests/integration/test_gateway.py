@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import socket
 import sys
 import time
 import urllib.request
@@ -25,7 +24,7 @@ from parley.audio.v1 import audio_pb2
 from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.gateway.client import Collector, GatewayClient, split_pcm
-from tests.helpers import read_manifest, read_wav, start_server
+from tests.helpers import free_port, read_manifest, read_wav, start_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -54,12 +53,6 @@ class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def otlp():
     receiver = TraceReceiver()
@@ -86,7 +79,7 @@ def cluster(otlp):
             for stage in ("vad", "stt", "translate", "tts")
         }
         stages = {stage: f.result() for stage, f in started.items()}
-    metrics_port = _free_port()
+    metrics_port = free_port()
     gateway = start_server(
         "gateway",
         *(arg for stage, p in stages.items() for arg in (f"--{stage}-address", p.address)),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -21,17 +20,11 @@ from benchmarks.metrics import wer
 from parley.audio.v1 import audio_pb2
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from services.common.models import resolve_whisper
-from tests.helpers import read_manifest, start_server
+from tests.helpers import free_port, read_manifest, start_server
 
 pytestmark = pytest.mark.timeout(300)
 
 ESPEAK_LANGUAGES = "en,fr,tr,zz"  # zz: no such language, so no espeak-ng voice may be listed for it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

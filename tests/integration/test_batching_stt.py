@@ -1,0 +1,120 @@
+"""The speech-to-text server's window batching on real recordings (Whisper base, CPU).
+
+Two servers: the default (adaptive windows, batches of up to 8) and the same with ``--max-batch-size 1``.
+Concurrent requests must share batches (the batcher's counters), leave the English word error rate within
+1 point of the unbatched server, and a short utterance sent during a long transcription must not wait for
+the whole long one (the long audio is decoded window by window).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from benchmarks.metrics import wer
+from parley.audio.v1 import audio_pb2
+from parley.stt.v1 import stt_pb2, stt_pb2_grpc
+from tests.helpers import batch_counts, free_port, read_manifest, read_wav, start_server
+
+pytestmark = pytest.mark.timeout(900)
+
+RATE = 16000
+S16 = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE, channels=1)
+ENGLISH_SETS = ("ljspeech", "librispeech", "librivox", "jfk")
+
+
+def report(line: str) -> None:
+    print(line)  # noqa: T201 - the measured figures are this test's report (pytest -s shows them)
+
+
+@pytest.fixture(scope="module")
+def metrics_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def batched(metrics_port):
+    process = start_server("stt", "--metrics-port", str(metrics_port))
+    yield process
+    assert process.terminate() == 0, process.log()
+
+
+@pytest.fixture(scope="module")
+def english():
+    rows = [row for name in ENGLISH_SETS for row in read_manifest(name)]
+    return [read_wav(r["path"])[0] for r in rows], [r["reference_text"] for r in rows]
+
+
+def transcribe_all(address: str, pcms: list[bytes], in_flight: int) -> list[str]:
+    with grpc.insecure_channel(address) as channel, ThreadPoolExecutor(in_flight) as pool:
+        stub = stt_pb2_grpc.SpeechToTextStub(channel)
+        config = stt_pb2.RecognitionConfig(language="en")
+
+        def one(pcm: bytes) -> str:
+            request = stt_pb2.TranscribeRequest(audio=pcm, format=S16, config=config)
+            return stub.Transcribe(request, timeout=300).text
+
+        return list(pool.map(one, pcms))
+
+
+def test_batched_word_error_rate_is_within_one_point_of_unbatched(batched, metrics_port, english):
+    pcms, refs = english
+    requests_before, executions_before = batch_counts(metrics_port, "stt")
+    started = time.perf_counter()
+    texts = transcribe_all(batched.address, pcms, in_flight=8)
+    batched_s = time.perf_counter() - started
+    requests, executions = np.subtract(batch_counts(metrics_port, "stt"), (requests_before, executions_before))
+    unbatched_server = start_server("stt", "--max-batch-size", "1")
+    try:
+        started = time.perf_counter()
+        alone = transcribe_all(unbatched_server.address, pcms, in_flight=8)
+        alone_s = time.perf_counter() - started
+    finally:
+        assert unbatched_server.terminate() == 0
+    batched_wer, alone_wer = wer(refs, texts, "en"), wer(refs, alone, "en")
+    report(
+        f"\nEnglish WER batched {batched_wer:.2%} ({batched_s:.1f} s, mean batch {requests / executions:.2f}) "
+        f"vs max_batch_size 1 {alone_wer:.2%} ({alone_s:.1f} s), {len(refs)} utterances, 8 in flight"
+    )
+    assert requests >= len(pcms) and requests / executions > 1.5, "concurrent windows must share batches"
+    assert abs(batched_wer - alone_wer) <= 0.01
+    assert batched_wer < 0.10
+
+
+def test_short_utterance_finishes_before_a_long_transcription(batched):
+    rows = read_manifest("ljspeech")
+    long_pcm = b"".join(read_wav(r["path"])[0] for r in rows[:24])  # about 170 s: six 30 s windows
+    short = min(rows[24:], key=lambda r: abs(len(read_wav(r["path"])[0]) / (2 * RATE) - 3.0))
+    short_pcm = read_wav(short["path"])[0]
+    finished: dict[str, float] = {}
+    texts: dict[str, str] = {}
+
+    with grpc.insecure_channel(batched.address) as channel, ThreadPoolExecutor(2) as pool:
+        stub = stt_pb2_grpc.SpeechToTextStub(channel)
+
+        def run(name: str, pcm: bytes) -> None:
+            request = stt_pb2.TranscribeRequest(
+                audio=pcm, format=S16, config=stt_pb2.RecognitionConfig(language="en")
+            )
+            texts[name] = stub.Transcribe(request, timeout=300).text
+            finished[name] = time.perf_counter()
+
+        started = time.perf_counter()
+        long_call = pool.submit(run, "long", long_pcm)
+        time.sleep(1.0)  # the long transcription is decoding its first windows
+        sent = time.perf_counter()
+        pool.submit(run, "short", short_pcm).result()
+        long_call.result()
+
+    report(
+        f"\nshort ({len(short_pcm) / 2 / RATE:.1f} s) done {finished['short'] - sent:.1f} s after it was sent; "
+        f"long ({len(long_pcm) / 2 / RATE:.0f} s) done after {finished['long'] - started:.1f} s"
+    )
+    assert finished["short"] < finished["long"]
+    assert wer([short["reference_text"]], [texts["short"]], "en") <= 0.25
+    long_refs = " ".join(r["reference_text"] for r in rows[:24])
+    assert wer([long_refs], [texts["long"]], "en") <= 0.15
