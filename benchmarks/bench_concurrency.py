@@ -1,8 +1,9 @@
 """Throughput and latency under concurrency, with the dynamic batcher on and with ``--max-batch-size 1``.
 
-For each stage wired to the batcher, two real server processes run side by side in the same run: one with
-the stage's batching settings, one with ``--max-batch-size 1`` (every model call takes one item, as before
-batching). Closed-loop clients (each sends its next request when the previous one is answered) run for
+For each stage, two real server processes run side by side in the same run: one with the stage's batching
+settings, one with ``--max-batch-size 1`` (every model call takes one item, as before batching) or, for a
+stage whose model cannot batch, one model instance instead of an instance group. Closed-loop clients
+(each sends its next request when the previous one is answered) run for
 ``LEVEL_S`` seconds per concurrency level; throughput is answered requests per second, latency the
 per-request wall time (p50 and p99). The servers take turns level by level, so both see the same load.
 The mean batch size comes from the server's Prometheus counters (``parley_batch_requests`` /
@@ -14,13 +15,18 @@ Stages:
   d_model 64, NLLB layout, every sentence decodes ``CT2_DECODE_TOKENS`` tokens): one real Tatoeba or
   FLORES sentence per request; concurrency 1, 4, 16, 64. Goals: at 16, at least 3x the throughput of
   batch size 1; at 1, p99 no more than ``max_queue_delay_ms`` above batch size 1.
+* translate, ``llm`` embedded (Gemma 3 270M, llama.cpp): llama-cpp-python generates one sequence at a
+  time, so its batches are of one by design; the comparison is an instance group of 2 (one thread each)
+  against 1 instance (two threads). Concurrency 1, 4, 16 (64 only queues longer on 2 cores).
+* stt, Whisper base int8: one Transcribe of a real LJ Speech clip per request (adaptive windows);
+  concurrency 1, 4, 16, 64; throughput in audio seconds per second.
+* tts, Piper (en_US voice): one Synthesize of a Tatoeba sentence per request. Piper's ONNX voice takes
+  one sentence per call, so the comparison is an instance group (``--piper-workers 2``) against 1.
 * vad, Silero VAD v6: one StreamDetect stream per request (a real LJ Speech clip, sent as fast as the
-  server takes it, 100 ms per message); concurrency 1, 4, 16; throughput in audio seconds per second.
-  The v6 export runs a batch's streams one after another, so batching is not expected to speed it up.
+  server takes it, 100 ms per message); throughput in audio seconds per second. The v6 export runs a
+  batch's streams one after another, so batching is not expected to speed it up.
 
-Not measured here: the llm backend. Its embedded transport runs batches of one by design (llama-cpp-python
-generates one sequence at a time), so "batched" and "batch size 1" are the same server; its HTTP transport
-needs an external OpenAI-compatible server.
+Not measured here: the llm HTTP transport (it needs an external OpenAI-compatible server).
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ import grpc
 import numpy as np
 
 from parley.audio.v1 import audio_pb2
+from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
+from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
 from tests.fixtures.tiny_ct2 import build_tiny_model
 from tests.helpers import (
@@ -54,8 +62,9 @@ LEVEL_S = 6.0
 WARMUP_S = 1.0
 CT2_DECODE_TOKENS = 32
 QUEUE_DELAY_MS = 5.0
-TRANSLATE_LEVELS = (1, 4, 16, 64)
-VAD_LEVELS = (1, 4, 16)
+LEVELS = (1, 4, 16, 64)
+LLM_LEVELS = (1, 4, 16)
+SLOW_LEVEL_S = 20.0  # stages whose requests take hundreds of ms: enough requests per level for a p99
 VAD_CHUNK_BYTES = 3200  # 100 ms of PCM_S16LE at 16 kHz
 PCM16_16K = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=16000, channels=1)
 
@@ -114,12 +123,13 @@ async def _measure(
     name: str,
     make_call: Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]],
     concurrency: int,
+    level_s: float,
 ) -> Level:
     async with grpc.aio.insecure_channel(server.address) as channel:
         call = make_call(channel)
         await _closed_loop(call, concurrency, WARMUP_S)
         before = await asyncio.to_thread(batch_counts, metrics_port, name)
-        requests, units, wall_s, latencies = await _closed_loop(call, concurrency, LEVEL_S)
+        requests, units, wall_s, latencies = await _closed_loop(call, concurrency, level_s)
         after = await asyncio.to_thread(batch_counts, metrics_port, name)
     executions = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / executions if executions else float("nan")
@@ -195,11 +205,49 @@ def _vad_call(clips: list[bytes]) -> Callable[[grpc.aio.Channel], Callable[[int]
     return make
 
 
-def _pair(stage: str, flags: list[str]) -> tuple[tuple[ServerProcess, int], tuple[ServerProcess, int]]:
+def _stt_call(clips: list[bytes]) -> Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]]:
+    def make(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[float]]:
+        stub = stt_pb2_grpc.SpeechToTextStub(channel)
+
+        async def call(i: int) -> float:
+            audio = clips[i % len(clips)]
+            request = stt_pb2.TranscribeRequest(
+                request_id=str(i),
+                audio=audio,
+                format=PCM16_16K,
+                config=stt_pb2.RecognitionConfig(language="en"),
+            )
+            await stub.Transcribe(request, timeout=300)
+            return len(audio) / 2 / 16000
+
+        return call
+
+    return make
+
+
+def _tts_call(sentences: list[str]) -> Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]]:
+    def make(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[float]]:
+        stub = tts_pb2_grpc.TextToSpeechStub(channel)
+
+        async def call(i: int) -> float:
+            request = tts_pb2.SynthesizeRequest(
+                request_id=str(i), text=sentences[i % len(sentences)], language="en"
+            )
+            response = await stub.Synthesize(request, timeout=300)
+            return response.duration_s
+
+        return call
+
+    return make
+
+
+def _pair(
+    stage: str, flags: list[str], off_flags: list[str]
+) -> tuple[tuple[ServerProcess, int], tuple[ServerProcess, int]]:
     ports = (free_port(), free_port())
     on = start_server(stage, *flags, "--metrics-port", str(ports[0]))
     try:
-        off = start_server(stage, *flags, "--max-batch-size", "1", "--metrics-port", str(ports[1]))
+        off = start_server(stage, *off_flags, "--metrics-port", str(ports[1]))
     except BaseException:
         on.terminate()
         raise
@@ -211,13 +259,19 @@ async def _run_stage(
     flags: list[str],
     make_call: Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]],
     levels: tuple[int, ...],
+    *,
+    off_flags: list[str] | None = None,
+    level_s: float = LEVEL_S,
+    batcher: str = "",
 ) -> dict[int, tuple[Level, Level]]:
-    (on, on_port), (off, off_port) = await asyncio.to_thread(_pair, stage, flags)
+    """Measures ``levels`` on a server with ``flags`` and one with ``off_flags`` (default: batch size 1)."""
+    off_flags = [*flags, "--max-batch-size", "1"] if off_flags is None else off_flags
+    (on, on_port), (off, off_port) = await asyncio.to_thread(_pair, stage, flags, off_flags)
     try:
         results = {}
         for c in levels:
-            batched = await _measure(on, on_port, stage, make_call, c)
-            single = await _measure(off, off_port, stage, make_call, c)
+            batched = await _measure(on, on_port, batcher or stage, make_call, c, level_s)
+            single = await _measure(off, off_port, batcher or stage, make_call, c, level_s)
             results[c] = (batched, single)
         return results
     finally:
@@ -238,12 +292,12 @@ async def _main() -> None:
             "--max-queue-delay-ms",
             str(QUEUE_DELAY_MS),
         ]
-        results = await _run_stage("translate", flags, _translate_call(_sentences(200)), TRANSLATE_LEVELS)
+        results = await _run_stage("translate", flags, _translate_call(_sentences(200)), LEVELS)
     _report(
         f"translate, ctranslate2 tiny NLLB (random weights, {CT2_DECODE_TOKENS} tokens per sentence), "
         f"1 sentence per request, max_queue_delay_ms={QUEUE_DELAY_MS}, {LEVEL_S:.0f} s per level",
         "req/s",
-        TRANSLATE_LEVELS,
+        LEVELS,
         results,
     )
     on16, off16 = results[16]
@@ -254,19 +308,64 @@ async def _main() -> None:
         f"{on1.percentile_ms(99) - off1.percentile_ms(99):+.1f} ms"
     )
 
-    clips = [read_wav(row["path"])[0] for row in read_manifest("ljspeech")[:4]]
-    results = await _run_stage("vad", ["--max-queue-delay-ms", "0"], _vad_call(clips), VAD_LEVELS)
+    llm = ["--backend", "llm", "--llm-languages", "en,fr"]
+    results = await _run_stage(
+        "translate",
+        [*llm, "--llm-instances", "2", "--llm-threads", "1"],
+        _translate_call(_sentences(200)),
+        LLM_LEVELS,
+        off_flags=[*llm, "--llm-instances", "1"],
+        level_s=SLOW_LEVEL_S,
+    )
+    _report(
+        "translate, llm embedded (Gemma 3 270M Q4_K_M, llama.cpp), 1 sentence per request: "
+        f"2 instances x 1 thread vs 1 instance x all threads, {SLOW_LEVEL_S:.0f} s per level",
+        "req/s",
+        LLM_LEVELS,
+        results,
+    )
+    on16, off16 = results[16]
+    print(f"goal llm c=16 >= 3x bs=1 throughput: reached {on16.throughput / off16.throughput:.2f}x")
+
+    clips = [read_wav(row["path"])[0] for row in read_manifest("ljspeech")[:8]]
+    results = await _run_stage("stt", [], _stt_call(clips), LEVELS, level_s=SLOW_LEVEL_S)
+    _report(
+        "stt, Whisper base int8 CPU, adaptive windows, 1 Transcribe of an LJ Speech clip per request, "
+        f"{SLOW_LEVEL_S:.0f} s per level",
+        "audio s/s",
+        LEVELS,
+        results,
+    )
+
+    results = await _run_stage(
+        "tts",
+        ["--piper-workers", "2"],
+        _tts_call(_sentences(200)),
+        LEVELS,
+        off_flags=["--piper-workers", "1"],
+        level_s=SLOW_LEVEL_S,
+        batcher="tts-en_US-joe-medium",
+    )
+    _report(
+        "tts, Piper en_US, 1 Synthesize of a sentence per request: 2 instances vs 1, "
+        f"{SLOW_LEVEL_S:.0f} s per level",
+        "audio s/s",
+        LEVELS,
+        results,
+    )
+
+    results = await _run_stage("vad", ["--max-queue-delay-ms", "0"], _vad_call(clips), LEVELS)
     _report(
         "vad, Silero v6, 1 StreamDetect stream per request (LJ Speech, 100 ms messages), "
         f"{LEVEL_S:.0f} s per level",
         "audio s/s",
-        VAD_LEVELS,
+        LEVELS,
         results,
     )
 
 
 def main() -> None:
-    """Runs both stages and prints the measured figures."""
+    """Runs every stage and prints the measured figures."""
     asyncio.run(_main())
 
 

@@ -1,12 +1,18 @@
-"""Speech-to-text latency, real-time factor and memory: the gRPC server vs faster-whisper in-process.
+"""Speech-to-text: server overhead, real-time factor and memory; then adaptive windows and batching.
 
-Utterances of 5 s and 30 s are built from LJ Speech recordings in ../shared/data (whole clips joined with
-0.3 s of silence, then padded with silence to the exact length). Each is decoded ``REPEATS`` times by a
-real server process (``python -m services.stt``, Whisper base, int8, CPU) and by ``WhisperModel`` in this
-process with the same settings (same model, compute type, threads, beam, language, VAD filter), taking
-turns so both see the same machine load. Medians are printed; the goal is server overhead <= 5% + 3 ms.
-The 5 s utterance is decoded with beam 1 and beam 5 (the beam-size default is chosen from it). Resident
-memory is the server's VmRSS and VmHWM from /proc after the runs (goal: under 1 GB).
+Part 1. Utterances of 5 s and 30 s are built from LJ Speech recordings in ../shared/data (whole clips joined
+with 0.3 s of silence, then padded with silence to the exact length). Each is decoded ``REPEATS`` times by a
+real server process (``python -m services.stt``, Whisper base, int8, CPU) and by the same
+:class:`~services.stt.engine.WhisperEngine` in this process (same model, windows, threads, beam, language,
+VAD filter), taking turns so both see the same machine load. Medians are printed; the goal is server
+overhead <= 5% + 3 ms. The 5 s utterance is decoded with beam 1 and beam 5 (the beam-size default is chosen
+from it). Resident memory is the server's VmRSS and VmHWM from /proc after the runs (goal: under 1 GB).
+
+Part 2 (issue 5's goal). The shared English set (LJ Speech, LibriSpeech, LibriVox, JFK: 42 utterances)
+sent with ``CONCURRENCY`` requests in flight to three servers in turn: fixed 30 s windows with batches of
+one (Whisper's own padding, the baseline), adaptive windows with batches of one, adaptive windows with
+batching. Throughput is audio seconds transcribed per second of wall time; each server gets one untimed
+pass first. Goal: adaptive + batching >= 1.8x the baseline's throughput, word error rate within 1 point.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import statistics
 import time
 import wave
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -25,14 +32,23 @@ from benchmarks.metrics import wer
 from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import float_to_pcm16
-from services.common.models import resolve_whisper
-from tests.helpers import start_server
+from services.stt.config import SttConfig
+from services.stt.engine import WhisperEngine, merge_transcripts
+from tests.helpers import read_manifest, read_wav, start_server
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "speech" / "ljspeech"
 RATE_HZ = 16000
 GAP_S = 0.3
 REPEATS = 5
 LONG_REPEATS = 5
+CONCURRENCY = 8
+ENGLISH_SETS = ("ljspeech", "librispeech", "librivox", "jfk")
+ADAPTIVE = ("--window-buckets-s", "10,15,20,30")
+WINDOW_CONFIGS = (
+    ("fixed 30 s windows, batch 1", ("--window-buckets-s", "30", "--max-batch-size", "1")),
+    ("adaptive windows, batch 1", (*ADAPTIVE, "--max-batch-size", "1")),
+    ("adaptive windows, batch <= 8", (*ADAPTIVE, "--max-batch-size", "8")),
+)
 
 
 def _read(path: Path) -> np.ndarray:
@@ -73,14 +89,65 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def main() -> None:
-    from faster_whisper import WhisperModel
+def _local_text(engine: WhisperEngine, audio: np.ndarray, beam: int) -> str:
+    """What the server does for one request, in this process: windows decoded one by one, then merged."""
+    options = engine.options(language="en", beam_size=beam)
+    parts = [engine.transcribe_batch([w])[0] for w in engine.windows(audio, options)]
+    return merge_transcripts(parts, len(audio) / RATE_HZ, "en").text
 
+
+def _throughput(address: str, pcms: list[bytes]) -> tuple[float, list[str]]:
+    """Wall time of transcribing every clip with ``CONCURRENCY`` requests in flight, and the texts."""
+    with grpc.insecure_channel(address) as channel, ThreadPoolExecutor(CONCURRENCY) as pool:
+        stub = stt_pb2_grpc.SpeechToTextStub(channel)
+        fmt = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1)
+
+        def one(pcm: bytes) -> str:
+            request = stt_pb2.TranscribeRequest(
+                audio=pcm, format=fmt, config=stt_pb2.RecognitionConfig(language="en")
+            )
+            return stub.Transcribe(request, timeout=600).text
+
+        list(pool.map(one, pcms))  # untimed pass
+        start = time.perf_counter()
+        texts = list(pool.map(one, pcms))
+        return time.perf_counter() - start, texts
+
+
+def windows_and_batching() -> None:
+    """Part 2 of the module docstring."""
+    rows = [row for name in ENGLISH_SETS for row in read_manifest(name)]
+    pcms = [read_wav(r["path"])[0] for r in rows]
+    refs = [r["reference_text"] for r in rows]
+    audio_s = sum(len(p) for p in pcms) / 2 / RATE_HZ
+    print(
+        f"\nWindows and batching: {len(rows)} English utterances ({audio_s:.0f} s of audio), {CONCURRENCY} "
+        "requests in flight, Whisper base int8 CPU, beam 5, language en"
+    )
+    print(f"{'server':<30} {'wall s':>7} {'audio s/s':>9} {'x base':>6} {'WER':>6} {'WER diff':>8}")
+    baseline: tuple[float, float] | None = None
+    for name, flags in WINDOW_CONFIGS:
+        server = start_server("stt", *flags)
+        try:
+            wall_s, texts = _throughput(server.address, pcms)
+        finally:
+            server.terminate()
+        rate, error = audio_s / wall_s, wer(refs, texts, "en")
+        baseline = baseline or (rate, error)
+        print(
+            f"{name:<30} {wall_s:>7.1f} {rate:>9.1f} {rate / baseline[0]:>6.2f} {error:>6.1%} "
+            f"{100 * (error - baseline[1]):>+7.1f}pt"
+        )
+    print("goal: adaptive windows + batching >= 1.8x fixed 30 s windows at batch 1, WER within 1 point")
+
+
+def main() -> None:
     if not DATA.exists():
         print(f"{DATA} is missing: nothing measured")
         return
     threads = max(1, len(os.sched_getaffinity(0)))
-    model = WhisperModel(resolve_whisper("base"), device="cpu", compute_type="int8", cpu_threads=threads)
+    engine = WhisperEngine(SttConfig(model="base", cpu_threads=threads))
+    engine.warm()
     server = start_server("stt", "--model", "base", "--cpu-threads", str(threads))
     print(
         f"Whisper base, int8, CPU, {threads} thread(s), language en, VAD filter on; medians of {REPEATS} runs"
@@ -110,18 +177,13 @@ def main() -> None:
                 request.config.CopyFrom(stt_pb2.RecognitionConfig(language="en", beam_size=beam))
                 local_s, served_s, local_cpu, served_cpu, text = [], [], [], [], ""
                 stub.Transcribe(request, timeout=120)  # one untimed call each: first-call effects
-                "".join(
-                    s.text for s in model.transcribe(audio, language="en", beam_size=beam, vad_filter=True)[0]
-                )
+                _local_text(engine, audio, beam)
                 for i in range(repeats):
                     # Alternate which side goes first, so neither always runs right after the other.
                     for side in ("local", "server") if i % 2 == 0 else ("server", "local"):
                         if side == "local":
                             start, cpu = time.perf_counter(), time.process_time()
-                            segments, _ = model.transcribe(
-                                audio, language="en", beam_size=beam, vad_filter=True
-                            )
-                            "".join(s.text for s in segments)
+                            _local_text(engine, audio, beam)
                             local_s.append(time.perf_counter() - start)
                             local_cpu.append(time.process_time() - cpu)
                         else:
@@ -164,6 +226,7 @@ def main() -> None:
     finally:
         channel.close()
         server.terminate()
+    windows_and_batching()
 
 
 if __name__ == "__main__":

@@ -479,9 +479,12 @@ class WhisperEngine:
         """
         from faster_whisper.vad import VadOptions, get_speech_timestamps
 
-        max_samples = int(self.max_window_s * SAMPLE_RATE_HZ)
+        # Speech running to the very end of a window makes Whisper stop early (it learnt that a window's
+        # last words continue in the next one): every window keeps the margin after its speech.
+        max_speech_s = max(1.0, self.max_window_s - self.config.window_margin_s)
+        max_samples = int(max_speech_s * SAMPLE_RATE_HZ)
         if options.vad_filter:
-            vad = VadOptions(max_speech_duration_s=self.max_window_s, min_silence_duration_ms=160)
+            vad = VadOptions(max_speech_duration_s=max_speech_s, min_silence_duration_ms=160)
             speech = [(ts["start"], ts["end"]) for ts in get_speech_timestamps(audio, vad)]
         else:
             speech = [(0, len(audio))] if len(audio) else []

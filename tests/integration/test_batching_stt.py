@@ -12,12 +12,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import numpy as np
 import pytest
 
+from benchmarks.bench_stt import build_utterance
 from benchmarks.metrics import wer
 from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
+from services.common.audio import float_to_pcm16
 from tests.helpers import batch_counts, free_port, read_manifest, read_wav, start_server
 
 pytestmark = pytest.mark.timeout(900)
@@ -67,7 +68,8 @@ def test_batched_word_error_rate_is_within_one_point_of_unbatched(batched, metri
     started = time.perf_counter()
     texts = transcribe_all(batched.address, pcms, in_flight=8)
     batched_s = time.perf_counter() - started
-    requests, executions = np.subtract(batch_counts(metrics_port, "stt"), (requests_before, executions_before))
+    requests_after, executions_after = batch_counts(metrics_port, "stt")
+    requests, executions = requests_after - requests_before, executions_after - executions_before
     unbatched_server = start_server("stt", "--max-batch-size", "1")
     try:
         started = time.perf_counter()
@@ -77,8 +79,9 @@ def test_batched_word_error_rate_is_within_one_point_of_unbatched(batched, metri
         assert unbatched_server.terminate() == 0
     batched_wer, alone_wer = wer(refs, texts, "en"), wer(refs, alone, "en")
     report(
-        f"\nEnglish WER batched {batched_wer:.2%} ({batched_s:.1f} s, mean batch {requests / executions:.2f}) "
-        f"vs max_batch_size 1 {alone_wer:.2%} ({alone_s:.1f} s), {len(refs)} utterances, 8 in flight"
+        f"\nEnglish WER batched {batched_wer:.2%} ({batched_s:.1f} s, mean batch "
+        f"{requests / executions:.2f}) vs max_batch_size 1 {alone_wer:.2%} ({alone_s:.1f} s), "
+        f"{len(refs)} utterances, 8 in flight"
     )
     assert requests >= len(pcms) and requests / executions > 1.5, "concurrent windows must share batches"
     assert abs(batched_wer - alone_wer) <= 0.01
@@ -111,10 +114,23 @@ def test_short_utterance_finishes_before_a_long_transcription(batched):
         long_call.result()
 
     report(
-        f"\nshort ({len(short_pcm) / 2 / RATE:.1f} s) done {finished['short'] - sent:.1f} s after it was sent; "
-        f"long ({len(long_pcm) / 2 / RATE:.0f} s) done after {finished['long'] - started:.1f} s"
+        f"\nshort ({len(short_pcm) / 2 / RATE:.1f} s) done {finished['short'] - sent:.1f} s after it was "
+        f"sent; long ({len(long_pcm) / 2 / RATE:.0f} s) done after {finished['long'] - started:.1f} s"
     )
     assert finished["short"] < finished["long"]
     assert wer([short["reference_text"]], [texts["short"]], "en") <= 0.25
     long_refs = " ".join(r["reference_text"] for r in rows[:24])
     assert wer([long_refs], [texts["long"]], "en") <= 0.15
+
+
+def test_speech_filling_a_whole_window_is_transcribed_to_its_end(batched):
+    # Whisper stops early when speech runs to the end of its window; windows keep window_margin_s after it.
+    audio, reference = build_utterance(30.0)
+    with grpc.insecure_channel(batched.address) as channel:
+        request = stt_pb2.TranscribeRequest(
+            audio=float_to_pcm16(audio), format=S16, config=stt_pb2.RecognitionConfig(language="en")
+        )
+        response = stt_pb2_grpc.SpeechToTextStub(channel).Transcribe(request, timeout=120)
+    report(f"\n30 s of speech: {response.text!r}")
+    assert wer([reference], [response.text], "en") <= 0.10
+    assert response.segments[-1].end_ms >= 28000
