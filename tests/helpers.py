@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 import signal
@@ -17,7 +16,6 @@ import wave
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,21 +48,6 @@ def read_wav(path: str | Path) -> tuple[bytes, int]:
     with wave.open(str(path), "rb") as w:
         assert w.getsampwidth() == 2 and w.getnchannels() == 1, path
         return w.readframes(w.getnframes()), w.getframerate()
-
-
-def pcm16_to_wav(pcm: bytes, sample_rate_hz: int) -> bytes:
-    """Wraps PCM_S16LE mono bytes in a WAV container."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate_hz)
-        w.writeframes(pcm)
-    return buf.getvalue()
-
-
-def float_to_pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 @dataclass

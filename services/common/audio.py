@@ -6,6 +6,9 @@ All functions return float32 mono audio in [-1, 1], shape ``(n_samples,)``. Resa
 
 from __future__ import annotations
 
+import io
+import wave
+
 import numpy as np
 import soxr
 
@@ -154,6 +157,17 @@ class PcmStream:
 def float_to_pcm16(samples: np.ndarray) -> bytes:
     """float32 in [-1, 1], shape ``(n_samples,)`` -> PCM_S16LE bytes (clipped)."""
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def pcm16_to_wav(pcm: bytes, sample_rate_hz: int) -> bytes:
+    """Wraps PCM_S16LE mono bytes in a WAV container (RIFF, 16-bit, mono, ``sample_rate_hz``)."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate_hz)
+        w.writeframes(pcm)
+    return buf.getvalue()
 
 
 def resample(samples: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:

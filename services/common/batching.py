@@ -30,6 +30,9 @@ dynamic batcher does (``docs/user_guide/batcher.md``, ``ModelDynamicBatching``, 
   the mismatch. A batch function that raises fails only its own batch: a
   :class:`~services.common.errors.ParleyError` reaches each caller as it is (keeping its status code),
   anything else is wrapped in :class:`BatchError` (INTERNAL) with the original as ``__cause__``.
+* **out of GPU memory** - a batch function wrapped by :func:`split_on_oom` retries a batch that runs out
+  of memory in halves, recursively, down to single items; when one item alone does not fit, its whole
+  batch fails with :class:`~services.common.errors.ResourceExhausted` naming the sizes tried.
 
 Where each guarantee is enforced:
 
@@ -382,6 +385,56 @@ def call_batch_fn(fn: BatchFn[I, O], items: list[I]) -> list[O]:
     if count != len(items):
         raise BatchError(f"batch function returned {count} outputs for {len(items)} inputs")
     return list(outputs)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device running out of memory: a ``RuntimeError`` saying "out of memory".
+
+    CTranslate2 raises ``RuntimeError("CUDA failed with error out of memory")``; PyTorch's
+    ``torch.cuda.OutOfMemoryError`` is a ``RuntimeError`` whose message starts "CUDA out of memory".
+    """
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def split_on_oom(fn: BatchFn[I, O]) -> Callable[[list[I]], list[O]]:
+    """Wraps a batch function so that a batch that runs out of memory is split in halves and retried.
+
+    Each half is retried the same way, recursively, down to single items; outputs are concatenated in
+    input order. A batch that fits is never split, so the wrapper costs nothing until memory runs out.
+
+    Args:
+        fn: The batch function (one output per input, in order).
+
+    Returns:
+        A batch function with the same contract.
+
+    Raises:
+        ResourceExhausted: One item alone still runs out of memory (the whole batch fails, as any batch
+            whose function raises); the message lists the batch sizes tried down to it ("out of GPU
+            memory at batch sizes 8, 4, 2, 1: ...").
+    """
+
+    def run(items: list[I], sizes: tuple[int, ...]) -> list[O]:
+        try:
+            return list(fn(items))
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            tried = (*sizes, len(items))
+            if len(items) == 1:
+                raise ResourceExhausted(
+                    f"out of GPU memory at batch sizes {', '.join(map(str, tried))}: {exc}"
+                ) from exc
+            half = len(items) // 2
+            logger.warning(
+                "out of memory at batch size %d; retrying as %d + %d", len(items), half, len(items) - half
+            )
+            return run(items[:half], tried) + run(items[half:], tried)
+
+    def batch(items: list[I]) -> list[O]:
+        return run(items, ())
+
+    return batch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from services.common.batching import BatchingConfig
@@ -22,15 +23,30 @@ DEFAULT_HALLUCINATION_PHRASES = (
 )
 
 
+class Backend(enum.Enum):
+    """Which backend transcribes."""
+
+    WHISPER = "whisper"
+    OPENAI = "openai"
+
+
+# The languages Voxtral (Mistral, 2025) is documented for.
+VOXTRAL_LANGUAGES = ("en", "es", "fr", "pt", "hi", "de", "nl", "it")
+
+
 @dataclass(frozen=True)
 class SttConfig(BatchingConfig, ServerConfig):
-    """Speech-to-text server: Whisper through faster-whisper (CTranslate2), with Silero VAD endpointing.
+    """Speech-to-text server: Whisper on CTranslate2, or an OpenAI-compatible endpoint (vLLM Voxtral).
 
-    Audio is cut into windows (speech found by Silero VAD, at most the longest window bucket); each window
-    is padded to the shortest bucket that holds it plus ``window_margin_s`` and goes through one dynamic
-    batcher (:class:`BatchingConfig`), batched only with windows of the same bucket and decoding settings.
-    The batcher's ``instance_count`` is the number of batches decoded at once (CTranslate2 ``inter_threads``,
-    weights shared); its ``priority_levels`` is fixed at 3 (stream finals, stream interims, Transcribe).
+    ``backend`` whisper (the default) decodes in this process; ``backend`` openai posts each request to a
+    transcription endpoint. Streams are endpointed with Silero VAD in this process either way.
+
+    For Whisper, audio is cut into windows (speech found by Silero VAD, at most the longest window
+    bucket); each window is padded to the shortest bucket that holds it plus ``window_margin_s`` and goes
+    through one dynamic batcher (:class:`BatchingConfig`), batched only with windows of the same bucket and
+    decoding settings. The batcher's ``instance_count`` is the number of batches decoded at once
+    (CTranslate2 ``inter_threads``, weights shared); its ``priority_levels`` is fixed at 3 (stream finals,
+    stream interims, Transcribe).
     """
 
     max_batch_size: int = option(8, "Most windows decoded in one batch (one encoder and decoder pass).")
@@ -119,3 +135,28 @@ class SttConfig(BatchingConfig, ServerConfig):
         30.0, "Streaming: an utterance this long is finalised even without a pause (Whisper's window), in s."
     )
     max_streams: int = option(64, "Streaming calls served at once; more are refused with RESOURCE_EXHAUSTED.")
+    backend: Backend = option(
+        Backend.WHISPER,
+        "whisper: faster-whisper in this process; openai: an OpenAI-compatible transcription endpoint "
+        "(vLLM serving Voxtral or Whisper) at openai_base_url.",
+    )
+    openai_base_url: str = option(
+        "http://localhost:8000/v1",
+        "openai: base URL up to and including /v1 (POST .../audio/transcriptions).",
+    )
+    openai_model: str = option("mistralai/Voxtral-Mini-3B-2507", "openai: model name sent with each request.")
+    openai_api_key_env: str = option(
+        "PARLEY_OPENAI_API_KEY", "openai: environment variable holding the API key (Bearer); unset for none."
+    )
+    openai_timeout_s: float = option(
+        60.0,
+        "openai: timeout of one HTTP call, in seconds; 0 for none.",
+    )
+    openai_concurrency: int = option(
+        8, "openai: HTTP requests in flight at once (the windows of a batch are sent in parallel)."
+    )
+    openai_languages: tuple[str, ...] = option(
+        VOXTRAL_LANGUAGES,
+        "openai: languages accepted (ISO 639-1, comma-separated); default Voxtral's. Empty language in a "
+        "request: the server detects it.",
+    )

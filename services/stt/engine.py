@@ -42,6 +42,7 @@ import numpy as np
 from services.common.devices import check_device
 from services.common.errors import InvalidArgument
 from services.common.models import resolve_whisper, silero_vad_path
+from services.common.resilience import Deadline
 from services.stt.config import SttConfig
 from services.stt.endpointing import SileroSession, StreamingSilero
 from services.stt.filters import HallucinationGates, split_hallucinations
@@ -191,12 +192,14 @@ class Window:
         spans_s: (start_s, end_s) of each piece of the request's audio in ``audio``, in order.
         window_s: Mel window length (the batch bucket), in seconds.
         options: Decoding options.
+        deadline: When the caller gives up; a backend that calls out (HTTP) bounds its call by it.
     """
 
     audio: np.ndarray
     spans_s: tuple[tuple[float, float], ...]
     window_s: float
     options: DecodeOptions
+    deadline: Deadline = field(default_factory=lambda: Deadline(None))
 
     def request_time_s(self, t_s: float) -> float:
         """Maps a time in ``audio`` (s) to the request's audio (s); later times extend the last span."""

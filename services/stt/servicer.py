@@ -29,9 +29,10 @@ import numpy as np
 
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import PcmStream, decode_pcm
-from services.common.batching import DynamicBatcher
+from services.common.batching import DynamicBatcher, split_on_oom
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from services.common.inference import InferencePool
+from services.common.resilience import Deadline
 from services.stt.config import SttConfig
 from services.stt.endpointing import EndpointParams, Utterance, UtteranceTracker
 from services.stt.engine import DecodeOptions, Segment, SttBackend, Transcript, Window, merge_transcripts
@@ -90,7 +91,7 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
         batching = dataclasses.replace(config, priority_levels=_LEVELS, instance_count=engine.workers)
         self._batcher: DynamicBatcher[Window, Transcript] = DynamicBatcher(
             "stt",
-            [engine.transcribe_batch] * batching.instance_count,
+            [split_on_oom(engine.transcribe_batch)] * batching.instance_count,
             batching,
             batch_key=engine.batch_key,
         )
@@ -105,9 +106,10 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
         self._streams = 0
 
     def close(self) -> None:
-        """Decodes the queued windows, then stops the batcher and VAD threads (blocking)."""
+        """Decodes the queued windows, then stops the batcher and VAD threads and closes the backend."""
         self._batcher.close(drain=True)
         self._vad_pool.close()
+        self._engine.close()
 
     async def _decode(
         self,
@@ -128,7 +130,9 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
 
         async def decode(window: Window) -> Transcript:
             _check_deadline(context)
-            return await self._batcher.submit(window, timeout_s=context.time_remaining(), priority=priority)
+            remaining_s = context.time_remaining()
+            window = dataclasses.replace(window, deadline=Deadline.after(remaining_s))
+            return await self._batcher.submit(window, timeout_s=remaining_s, priority=priority)
 
         parts = []
         if options.language is None and len(windows) > 1:

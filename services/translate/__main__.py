@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import grpc
 
 from parley.translate.v1 import translate_pb2_grpc
-from services.common.batching import DynamicBatcher
+from services.common.batching import DynamicBatcher, split_on_oom
 from services.common.config import load_config
 from services.common.server import Stage, run
 from services.translate.config import Backend, LlmTransport, TranslateConfig
@@ -32,12 +32,14 @@ def batcher_for(engine: TranslationEngine, config: TranslateConfig) -> DynamicBa
 
     ``instance_count`` 0 takes the backend's own count. The embedded llm runs batches of one: it generates
     one sequence at a time, so a larger batch would only make a high-priority sentence wait for the whole
-    batch.
+    batch. A CTranslate2 batch that runs out of GPU memory is retried in halves (:func:`split_on_oom`).
 
     Raises:
         ValueError: Invalid batching settings, or an ``instance_count`` the embedded llm cannot run.
     """
     fns = engine.batch_fns(config.instance_count)
+    if config.backend is Backend.CTRANSLATE2:
+        fns = [split_on_oom(fn) for fn in fns]
     count = len(fns)
     embedded = config.backend is Backend.LLM and config.llm_transport is LlmTransport.EMBEDDED
     batch_size = 1 if embedded else config.max_batch_size

@@ -41,16 +41,10 @@ Transports
 * :class:`HttpChatBackend`: ``POST {base_url}/chat/completions`` (vLLM, llama.cpp ``llama-server``, any
   OpenAI-compatible server), with the standard library's ``urllib`` (no third-party HTTP client is a
   project dependency). The sentences of a batch are sent in parallel (``llm_concurrency``) so the
-  server's continuous batching can run them together. Failures map to status codes:
-
-  ======================================================  =====================
-  the endpoint does not answer within ``llm_timeout_s``    UNAVAILABLE (retry)
-  the caller's gRPC deadline, shorter, runs out first      DEADLINE_EXCEEDED
-  connection refused, DNS failure, HTTP 5xx                UNAVAILABLE
-  HTTP 429                                                 RESOURCE_EXHAUSTED
-  other HTTP 4xx (bad key, unknown model)                  INTERNAL (server misconfigured)
-  a body that is not JSON, or JSON without a message       INTERNAL ("malformed response")
-  ======================================================  =====================
+  server's continuous batching can run them together. Failures map to status codes as
+  :mod:`services.common.http` documents: the endpoint's own timeout (``llm_timeout_s``), a refused
+  connection or HTTP 5xx are UNAVAILABLE, the caller's shorter deadline DEADLINE_EXCEEDED, HTTP 429
+  RESOURCE_EXHAUSTED, another 4xx (bad key, unknown model) or a malformed response INTERNAL.
 """
 
 from __future__ import annotations
@@ -60,21 +54,14 @@ import json
 import logging
 import os
 import queue
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import (
-    DeadlineExceeded,
-    InvalidArgument,
-    ParleyError,
-    ResourceExhausted,
-    Unavailable,
-)
+from services.common.errors import DeadlineExceeded, InvalidArgument, ParleyError
+from services.common.http import post_json
 from services.common.resilience import Deadline
 from services.translate.config import TranslateConfig
 from services.translate.languages import parse_tag
@@ -413,8 +400,6 @@ class HttpChatBackend:
         model_name: Reported in responses; default ``model``.
     """
 
-    # Time kept back from the caller's deadline to turn an HTTP failure into a status, in seconds.
-    DEADLINE_MARGIN_S = 0.05
     # Batcher instances sending batches at once.
     HTTP_INSTANCES = 2
 
@@ -467,53 +452,6 @@ class HttpChatBackend:
         """Checks the pair; raises InvalidArgument for a language without prompt examples."""
         return self._languages.resolve(source, target, self.model_name)
 
-    def _post(self, body: dict[str, Any], deadline: Deadline) -> dict[str, Any]:
-        timeout_s = deadline.timeout_for(self._timeout_s, self.DEADLINE_MARGIN_S)
-        caller_limited = timeout_s is not None and (not self._timeout_s or timeout_s < self._timeout_s)
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(
-            self._url, data=json.dumps(body).encode(), headers=headers, method="POST"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read()[:200].decode("utf-8", "replace")
-            if exc.code == 429:
-                raise ResourceExhausted(
-                    f"LLM endpoint {self._url} is overloaded (HTTP 429): {detail}"
-                ) from exc
-            if exc.code >= 500:
-                raise Unavailable(f"LLM endpoint {self._url} failed with HTTP {exc.code}: {detail}") from exc
-            raise ParleyError(
-                f"LLM endpoint {self._url} rejected the request with HTTP {exc.code}: {detail}"
-            ) from exc
-        except (TimeoutError, urllib.error.URLError) as exc:
-            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            if isinstance(reason, TimeoutError):
-                if caller_limited:
-                    raise DeadlineExceeded(
-                        f"the caller's deadline ran out after {timeout_s:.2f} s waiting for LLM endpoint "
-                        f"{self._url}"
-                    ) from exc
-                raise Unavailable(f"LLM endpoint {self._url} did not answer within {timeout_s} s") from exc
-            raise Unavailable(f"cannot reach LLM endpoint {self._url}: {reason}") from exc
-        except OSError as exc:
-            raise Unavailable(f"LLM endpoint {self._url} connection failed: {exc}") from exc
-        try:
-            data = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ParleyError(
-                f"LLM endpoint {self._url} returned a malformed response (not JSON): {payload[:80]!r}"
-            ) from exc
-        if not isinstance(data, dict):
-            raise ParleyError(
-                f"LLM endpoint {self._url} returned a malformed response: a JSON {type(data).__name__}"
-            )
-        return data
-
     def _translate_one(self, sentence: str, pair: LlmPair, deadline: Deadline) -> str:
         body = {
             "model": self._model,
@@ -524,7 +462,16 @@ class HttpChatBackend:
             "stop": ["\n\n"],
             "stream": False,
         }
-        data = self._post(body, deadline)
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        data = post_json(
+            self._url,
+            json.dumps(body).encode(),
+            "application/json",
+            headers,
+            deadline,
+            self._timeout_s,
+            "LLM endpoint",
+        )
         try:
             content = data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError) as exc:

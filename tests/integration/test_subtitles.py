@@ -27,12 +27,13 @@ from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from parley.stt.v1 import stt_pb2_grpc
 from parley.translate.v1 import translate_pb2_grpc
 from parley.vad.v1 import vad_pb2_grpc
+from services.common.audio import pcm16_to_wav
 from services.common.resilience import Deadline
 from services.common.server import StatusMappingInterceptor
 from services.gateway import subtitles as subs
 from services.gateway import subtitles_cli
 from services.gateway.file_job import FileTranslator
-from tests.helpers import ROOT, pcm16_to_wav, read_manifest, read_wav, start_server
+from tests.helpers import ROOT, read_manifest, read_wav, start_server
 
 srt = pytest.importorskip("srt", reason="srt is in the dev extra")
 webvtt = pytest.importorskip("webvtt", reason="webvtt-py is in the dev extra")

@@ -22,6 +22,8 @@ from services.common.batching import (
     Entry,
     call_batch_fn,
     check_batching_config,
+    is_out_of_memory,
+    split_on_oom,
 )
 from services.common.config import ServerConfig, load_config, option
 from services.common.errors import (
@@ -667,3 +669,109 @@ async def test_close_without_drain_fails_queued_items():
 def test_batch_fn_count_must_match_instance_count():
     with pytest.raises(ValueError, match="instance_count=2"):
         DynamicBatcher(unique_name(), [lambda xs: xs], BatchingConfig(instance_count=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Out of GPU memory: split and retry.
+
+
+class OomAbove:
+    """A batch function that runs out of memory on batches larger than ``limit`` items (0: always)."""
+
+    def __init__(self, limit: int, message: str = "CUDA failed with error out of memory"):
+        self.limit = limit
+        self.message = message
+        self.calls: list[list[int]] = []
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.calls.append(list(items))
+        if len(items) > self.limit:
+            raise RuntimeError(self.message)
+        return [x * 10 for x in items]
+
+
+def halving_chain(n: int) -> list[int]:
+    """Sizes tried down the first halves of a batch of n: n, n // 2, ..., 1."""
+    sizes = [n]
+    while sizes[-1] > 1:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.integers(1, 64), st.integers(0, 64))
+def test_split_on_oom_computes_every_item_once_in_order_within_the_limit(n, limit):
+    items = list(range(n))
+    model = OomAbove(limit)
+    fn = split_on_oom(model)
+    if limit == 0:
+        with pytest.raises(ResourceExhausted) as err:
+            fn(items)
+        sizes = ", ".join(map(str, halving_chain(n)))
+        assert str(err.value).startswith(f"out of GPU memory at batch sizes {sizes}: CUDA failed")
+        assert isinstance(err.value.__cause__, RuntimeError)
+        return
+    assert fn(items) == [x * 10 for x in items]
+    succeeded = [call for call in model.calls if len(call) <= limit]
+    # The calls that fit partition the batch, in order: every item computed exactly once.
+    assert [x for call in succeeded for x in call] == items
+    # Only batches over the limit were split, and each was split into two halves.
+    assert all(len(call) > limit for call in model.calls if call not in succeeded)
+    assert len(model.calls) - len(succeeded) == len(succeeded) - 1
+    if n <= limit:
+        assert model.calls == [items], "a batch that fits is never split"
+
+
+def test_split_on_oom_halves_recursively():
+    model = OomAbove(2)
+    assert split_on_oom(model)(list(range(8))) == [0, 10, 20, 30, 40, 50, 60, 70]
+    assert [len(call) for call in model.calls] == [8, 4, 2, 2, 4, 2, 2]
+    model = OomAbove(2)
+    assert split_on_oom(model)(list(range(5))) == [0, 10, 20, 30, 40]
+    assert model.calls == [[0, 1, 2, 3, 4], [0, 1], [2, 3, 4], [2], [3, 4]]
+
+
+def test_split_on_oom_reports_the_sizes_tried():
+    with pytest.raises(ResourceExhausted, match=r"^out of GPU memory at batch sizes 8, 4, 2, 1: CUDA failed"):
+        split_on_oom(OomAbove(0))(list(range(8)))
+
+
+@pytest.mark.parametrize(
+    ("error", "oom"),
+    [
+        (RuntimeError("CUDA failed with error out of memory"), True),  # CTranslate2
+        (
+            RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+            True,
+        ),  # torch.cuda.OutOfMemoryError
+        (RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"), False),
+        (ValueError("out of memory"), False),
+        (MemoryError(), False),
+    ],
+)
+def test_only_out_of_memory_runtime_errors_split(error, oom):
+    calls = []
+
+    def fn(items: list[int]) -> list[int]:
+        calls.append(items)
+        raise error
+
+    assert is_out_of_memory(error) is oom
+    with pytest.raises(ResourceExhausted if oom else type(error)):
+        split_on_oom(fn)([1, 2, 3, 4])
+    # Out of memory: 4, 2, then 1 item fails and ends it; anything else is raised at once, unsplit.
+    assert [len(c) for c in calls] == ([4, 2, 1] if oom else [4])
+
+
+@BOUNDED
+async def test_batcher_serves_a_batch_that_ran_out_of_memory_and_reports_an_item_too_big():
+    model = OomAbove(2)
+    config = BatchingConfig(max_batch_size=8, max_queue_delay_ms=2000)
+    batcher = DynamicBatcher(unique_name(), [split_on_oom(model)], config)
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in range(8))), 5)
+    assert results == [i * 10 for i in range(8)]
+    assert batcher.stats.batch_sizes == {8: 1}, "the batcher sees one batch; the wrapper split it"
+    model.limit = 0
+    with pytest.raises(ResourceExhausted, match="batch sizes 1: CUDA failed"):
+        await asyncio.wait_for(batcher.submit(99), 5)
+    await asyncio.to_thread(batcher.close)

@@ -366,3 +366,36 @@ def test_dockerfile_passes_hadolint():
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _arg(command: list[str], name: str) -> str:
+    """Value of a ``--name=value`` argument of a vLLM command."""
+    return next(a.split("=", 1)[1] for a in command if a.startswith(f"--{name}="))
+
+
+def test_vllm_profile_points_stt_and_translate_at_the_vllm_servers(models):
+    from services.stt.config import Backend as SttBackend
+    from services.translate.config import Backend as TranslateBackend
+    from services.translate.config import LlmTransport
+
+    model = models["vllm"]
+    services = model["services"]
+    by_stage = {stage: name for name, stage in stage_services(model).items()}
+    configs = {}
+    for stage in ("stt", "translate"):
+        service = services[by_stage[stage]]
+        env = {k: str(v) for k, v in service["environment"].items() if k.startswith("PARLEY_")}
+        configs[stage] = load_config(config_class(stage), service["command"][2:], env=env)
+        # The stage only talks HTTP to its vLLM server: it needs no GPU of its own.
+        assert not _gpu_devices(service), by_stage[stage]
+    stt, translate = configs["stt"], configs["translate"]
+    assert stt.backend is SttBackend.OPENAI
+    assert (translate.backend, translate.llm_transport) == (TranslateBackend.LLM, LlmTransport.HTTP)
+    for stage, (base_url, model_name), server in (
+        ("stt", (stt.openai_base_url, stt.openai_model), "vllm-voxtral"),
+        ("translate", (translate.llm_base_url, translate.llm_model), "vllm-translator"),
+    ):
+        command = services[server]["command"]
+        assert base_url == f"http://{server}:{_arg(command, 'port')}/v1", stage
+        assert model_name == _arg(command, "served-model-name"), stage
+        assert services[by_stage[stage]]["depends_on"][server]["condition"] == "service_healthy", stage

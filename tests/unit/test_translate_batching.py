@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from services.common.batching import BatchingConfig, DynamicBatcher
+from services.common.batching import BatchError, BatchingConfig, DynamicBatcher
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.resilience import Deadline
 from services.translate.engine import TranslationEngine, batch_key
@@ -151,3 +151,43 @@ async def test_a_rejected_sentence_withdraws_its_queued_siblings():
         gate.set()
         await asyncio.to_thread(b.close)
     assert [s for _, s in backend.calls] == [["Busy."]]
+
+
+class OomBackend(FakeBackend):
+    """Runs out of GPU memory (as CTranslate2 reports it) on calls of more than two sentences."""
+
+    def translate_sentences(self, sentences, pair, deadline):
+        if len(sentences) > 2:
+            self.calls.append((pair, list(sentences)))
+            raise RuntimeError("CUDA failed with error out of memory")
+        return super().translate_sentences(sentences, pair, deadline)
+
+
+@pytest.mark.parametrize(("backend", "split"), [("ctranslate2", True), ("llm", False)])
+async def test_the_ctranslate2_batcher_splits_batches_that_run_out_of_memory(backend, split):
+    from services.translate.__main__ import batcher_for
+    from services.translate.config import Backend, LlmTransport, TranslateConfig
+
+    fake = OomBackend()
+    engine = TranslationEngine(fake, max_texts=64, max_chars=10000, max_sentence_chars=600)
+    config = TranslateConfig(
+        backend=Backend(backend),
+        llm_transport=LlmTransport.HTTP,
+        max_batch_size=8,
+        max_queue_delay_ms=2000,
+        preferred_batch_sizes=(5,),
+    )
+    b = batcher_for(engine, config)
+    texts = ["One. Two. Three.", "Four. Five."]
+    try:
+        if split:
+            assert await translate(engine, b, texts) == [
+                "fr<One.> fr<Two.> fr<Three.>",
+                "fr<Four.> fr<Five.>",
+            ]
+            assert [len(sentences) for _, sentences in fake.calls] == [5, 2, 3, 1, 2]
+        else:
+            with pytest.raises(BatchError, match="out of memory"):
+                await translate(engine, b, texts)
+    finally:
+        await asyncio.to_thread(b.close)
