@@ -134,3 +134,31 @@ def test_speech_filling_a_whole_window_is_transcribed_to_its_end(batched):
     report(f"\n30 s of speech: {response.text!r}")
     assert wer([reference], [response.text], "en") <= 0.10
     assert response.segments[-1].end_ms >= 28000
+
+
+@pytest.mark.gpu
+def test_whisper_on_cuda_matches_the_cpu_word_error_rate(batched, english):
+    import ctranslate2
+
+    if ctranslate2.get_cuda_device_count() == 0:
+        pytest.skip("no CUDA device")
+    pcms, refs = english
+    audio_s = sum(len(p) for p in pcms) / 2 / RATE
+    cpu_texts = transcribe_all(batched.address, pcms, in_flight=8)
+    rates = {}
+    texts = {}
+    for batch in (1, 8):
+        gpu = start_server("stt", "--device", "cuda", "--max-batch-size", str(batch))
+        try:
+            transcribe_all(gpu.address, pcms[:8], in_flight=8)  # warm-up
+            started = time.perf_counter()
+            texts[batch] = transcribe_all(gpu.address, pcms, in_flight=8)
+            rates[batch] = audio_s / (time.perf_counter() - started)
+        finally:
+            assert gpu.terminate() == 0
+    cpu_wer, gpu_wer = wer(refs, cpu_texts, "en"), wer(refs, texts[8], "en")
+    report(
+        f"\nCUDA: WER {gpu_wer:.2%} vs CPU {cpu_wer:.2%}; {rates[8]:.0f} audio s/s batched (RTF "
+        f"{1 / rates[8]:.4f}) vs {rates[1]:.0f} at max_batch_size 1 ({rates[8] / rates[1]:.2f}x), 8 in flight"
+    )
+    assert abs(gpu_wer - cpu_wer) <= 0.005
