@@ -20,8 +20,9 @@ Stages:
   against 1 instance (two threads). Concurrency 1, 4, 16 (64 only queues longer on 2 cores).
 * stt, Whisper base int8: one Transcribe of a real LJ Speech clip per request (adaptive windows);
   concurrency 1, 4, 16, 64; throughput in audio seconds per second.
-* tts, Piper (en_US voice): one Synthesize of a Tatoeba sentence per request. Piper's ONNX voice takes
-  one sentence per call, so the comparison is an instance group (``--piper-workers 2``) against 1.
+* tts, Piper (en_US voice): one Synthesize of a Tatoeba or FLORES sentence per request, the audio cache
+  off (``--cache-mb 0``: every request is synthesized). Piper's ONNX voice takes one sentence per call,
+  so the comparison is an instance group (``--piper-workers 2``) against 1.
 * vad, Silero VAD v6: one StreamDetect stream per request (a real LJ Speech clip, sent as fast as the
   server takes it, 100 ms per message); throughput in audio seconds per second. The v6 export runs a
   batch's streams one after another, so batching is not expected to speed it up.
@@ -227,7 +228,7 @@ def _stt_call(clips: list[bytes]) -> Callable[[grpc.aio.Channel], Callable[[int]
 
 def _tts_call(sentences: list[str]) -> Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]]:
     def make(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[float]]:
-        stub = tts_pb2_grpc.TextToSpeechStub(channel)
+        stub = tts_pb2_grpc.SpeechSynthesisStub(channel)
 
         async def call(i: int) -> float:
             request = tts_pb2.SynthesizeRequest(
@@ -339,10 +340,10 @@ async def _main() -> None:
 
     results = await _run_stage(
         "tts",
-        ["--piper-workers", "2"],
+        ["--piper-workers", "2", "--cache-mb", "0"],
         _tts_call(_sentences(200)),
         LEVELS,
-        off_flags=["--piper-workers", "1"],
+        off_flags=["--piper-workers", "1", "--cache-mb", "0"],
         level_s=SLOW_LEVEL_S,
         batcher="tts-en_US-joe-medium",
     )

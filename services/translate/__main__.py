@@ -12,7 +12,7 @@ from parley.translate.v1 import translate_pb2_grpc
 from services.common.batching import DynamicBatcher, split_on_oom
 from services.common.config import load_config
 from services.common.server import Stage, run
-from services.translate.config import Backend, LlmTransport, TranslateConfig
+from services.translate.config import Backend, TranslateConfig
 from services.translate.engine import SentenceItem, TranslationEngine, batch_key, load_engine
 from services.translate.servicer import SERVICE_NAME, TranslationServicer
 
@@ -30,9 +30,9 @@ class TranslateRuntime:
 def batcher_for(engine: TranslationEngine, config: TranslateConfig) -> DynamicBatcher[SentenceItem, str]:
     """The dynamic batcher over the engine's model instances.
 
-    ``instance_count`` 0 takes the backend's own count. The embedded llm runs batches of one: it generates
-    one sequence at a time, so a larger batch would only make a high-priority sentence wait for the whole
-    batch. A CTranslate2 batch that runs out of GPU memory is retried in halves (:func:`split_on_oom`).
+    ``instance_count`` 0 takes the backend's own count. Every backend takes batches of up to
+    ``max_batch_size`` sentences (the embedded llm decodes them together, one forward pass per token). A
+    CTranslate2 batch that runs out of GPU memory is retried in halves (:func:`split_on_oom`).
 
     Raises:
         ValueError: Invalid batching settings, or an ``instance_count`` the embedded llm cannot run.
@@ -41,17 +41,10 @@ def batcher_for(engine: TranslationEngine, config: TranslateConfig) -> DynamicBa
     if config.backend is Backend.CTRANSLATE2:
         fns = [split_on_oom(fn) for fn in fns]
     count = len(fns)
-    embedded = config.backend is Backend.LLM and config.llm_transport is LlmTransport.EMBEDDED
-    batch_size = 1 if embedded else config.max_batch_size
-    settings = dataclasses.replace(
-        config,
-        instance_count=count,
-        max_batch_size=batch_size,
-        preferred_batch_sizes=tuple(p for p in config.preferred_batch_sizes if p <= batch_size),
-    )
+    settings = dataclasses.replace(config, instance_count=count)
     logger.info(
         "translate: batching up to %d sentences, %.1f ms queue delay, %d instance(s), %d priority levels",
-        batch_size,
+        config.max_batch_size,
         config.max_queue_delay_ms,
         count,
         config.priority_levels,
