@@ -1,0 +1,117 @@
+"""The STT servicer's window flow with a fake backend: language detection first, bounded in-flight windows."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from services.stt.config import SttConfig
+from services.stt.engine import DecodeOptions, Segment, Transcript, Window
+from services.stt.servicer import SpeechToTextServicer
+
+pytestmark = pytest.mark.timeout(30)
+
+WINDOW_S = 30.0
+
+
+class FakeBackend:
+    """Cuts audio into 30 s windows; "detects" French; records every batch it is given."""
+
+    sample_rate_hz = 16000
+    workers = 1
+
+    def __init__(self, compute_s: float = 0.02):
+        self.batches: list[list[Window]] = []
+        self.compute_s = compute_s
+        self.lock = threading.Lock()
+
+    def windows(self, audio: np.ndarray, options: DecodeOptions) -> list[Window]:
+        step = int(WINDOW_S * self.sample_rate_hz)
+        return [
+            Window(
+                audio[i : i + step],
+                ((i / self.sample_rate_hz, min(len(audio), i + step) / self.sample_rate_hz),),
+                WINDOW_S,
+                options,
+            )
+            for i in range(0, len(audio), step)
+        ]
+
+    @staticmethod
+    def batch_key(window: Window) -> tuple[float, int]:
+        return (window.window_s, window.options.beam_size)
+
+    def transcribe_batch(self, windows: Sequence[Window]) -> list[Transcript]:
+        with self.lock:
+            self.batches.append(list(windows))
+        time.sleep(self.compute_s)
+        out = []
+        for w in windows:
+            start_s, end_s = w.spans_s[0]
+            text = f"[{start_s:g}-{end_s:g} {w.options.language}]"
+            segment = Segment(start_s, end_s, text, -0.1, 0.0, 1.0)
+            out.append(Transcript(text, w.options.language or "fr", 0.9, end_s - start_s, [segment]))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class Context:
+    def time_remaining(self) -> float | None:
+        return None
+
+
+def servicer(backend: FakeBackend, **config) -> SpeechToTextServicer:
+    return SpeechToTextServicer(backend, SttConfig(max_queue_delay_ms=20.0, **config))  # type: ignore[arg-type]
+
+
+async def test_language_is_detected_on_the_first_window_then_given_to_the_others():
+    backend = FakeBackend()
+    stt = servicer(backend)
+    try:
+        audio = np.zeros(int(100 * 16000), np.float32)  # four windows
+        result = await stt._decode(audio, DecodeOptions(language=None), Context(), 2)
+    finally:
+        await asyncio.to_thread(stt.close)
+    assert [len(b) for b in backend.batches][0] == 1 and backend.batches[0][0].options.language is None
+    assert all(w.options.language == "fr" for b in backend.batches[1:] for w in b)
+    assert result.text == "[0-30 None] [30-60 fr] [60-90 fr] [90-100 fr]"
+    assert [s.start_s for s in result.segments] == [0, 30, 60, 90] and result.duration_s == 100
+
+
+async def test_a_long_request_never_has_more_than_max_windows_in_flight():
+    backend = FakeBackend()
+    stt = servicer(backend, max_batch_size=8, max_windows_in_flight=2)
+    try:
+        audio = np.zeros(int(300 * 16000), np.float32)  # ten windows, language given
+        result = await stt._decode(audio, DecodeOptions(language="en"), Context(), 2)
+    finally:
+        await asyncio.to_thread(stt.close)
+    assert sum(len(b) for b in backend.batches) == 10 and len(result.segments) == 10
+    assert max(len(b) for b in backend.batches) <= 2
+
+
+async def test_a_short_request_is_decoded_between_the_windows_of_a_long_one():
+    backend = FakeBackend(compute_s=0.05)
+    stt = servicer(backend, max_batch_size=8, max_windows_in_flight=1)
+    done: list[str] = []
+
+    async def decode(name: str, seconds: float) -> None:
+        audio = np.zeros(int(seconds * 16000), np.float32)
+        await stt._decode(audio, DecodeOptions(language="en"), Context(), 2)
+        done.append(name)
+
+    try:
+        long = asyncio.create_task(decode("long", 300))
+        await asyncio.sleep(0.08)  # the long request is on its second window
+        await decode("short", 3)
+        await long
+    finally:
+        await asyncio.to_thread(stt.close)
+    assert done == ["short", "long"]
