@@ -39,8 +39,8 @@ class TranslateConfig(BatchingConfig, ServerConfig):
 
     max_batch_size: int = option(
         32,
-        "Most sentences per model batch (the batcher's batch and CTranslate2's max_batch_size); "
-        "the llm embedded backend always runs batches of 1 (it generates one sequence at a time).",
+        "Most sentences per model batch (the batcher's batch and CTranslate2's max_batch_size); the llm "
+        "embedded backend decodes them together, one llama.cpp sequence each.",
     )
     max_queue_size: int = option(
         1024,
@@ -83,7 +83,13 @@ class TranslateConfig(BatchingConfig, ServerConfig):
     )
     llm_max_tokens: int = option(256, "llm: most tokens generated per sentence.")
     llm_model_path: str = option("", "llm embedded: GGUF file; empty: the bundled Gemma 3 270M Q4_K_M.")
-    llm_context_tokens: int = option(2048, "llm embedded: context window, in tokens.")
+    llm_context_tokens: int = option(
+        4096,
+        "llm embedded: KV cache of one model instance, in tokens, shared by the sentences of a batch: the "
+        "few-shot prompt once, then per sentence its prompt and generation budget (a sentence waits while "
+        "the others hold the room). Checked at start: at least the longest few-shot prompt plus "
+        "llm_max_tokens.",
+    )
     llm_threads: int = option(0, "llm embedded: CPU threads per model instance; 0: all cores.")
     llm_instances: int = option(1, "llm embedded: model instances (each used by one thread at a time).")
     llm_base_url: str = option(

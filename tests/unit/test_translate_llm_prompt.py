@@ -12,6 +12,7 @@ from services.translate.llm import (
     chat_messages,
     clean_output,
     completion_prompt,
+    few_shot_prefix,
     max_new_tokens,
 )
 
@@ -23,6 +24,8 @@ def test_completion_prompt_is_the_documented_few_shot_text():
     )
     assert prompt.endswith("\n\nEnglish: Good night.\nFrench:")
     assert prompt.count("English: ") == 4 and prompt.count("French: ") == 3
+    # The embedded backend evaluates this part once per language pair and shares it between sentences.
+    assert prompt == few_shot_prefix("en", "fr") + "English: Good night.\nFrench:"
 
 
 def test_chat_messages_carry_the_same_examples_as_turns():
@@ -70,7 +73,7 @@ def test_generation_budget_grows_with_the_source_and_is_capped():
 
 
 def test_languages_are_checked_against_the_prompt_examples():
-    backend = EmbeddedLlamaBackend([object()], ("en", "fr", "tr"), "m", 64)
+    backend = EmbeddedLlamaBackend(object(), [object()], ("en", "fr", "tr"), "m", 64)
     assert backend.pairs() == [
         ("en", "fr"),
         ("en", "tr"),
@@ -85,4 +88,4 @@ def test_languages_are_checked_against_the_prompt_examples():
     with pytest.raises(InvalidArgument, match="both"):
         backend.resolve("fr", "fr-FR")
     with pytest.raises(ValueError, match="xx has no few-shot examples"):
-        EmbeddedLlamaBackend([object()], ("en", "xx"), "m", 64)
+        EmbeddedLlamaBackend(object(), [object()], ("en", "xx"), "m", 64)
