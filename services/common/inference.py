@@ -9,6 +9,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from services.common.batching import BatchingConfig, DynamicBatcher
+
 R = TypeVar("R")
 
 
@@ -40,7 +42,7 @@ class InferencePool:
 class BatchedPool:
     """An instance group behind the dynamic batcher, with :class:`InferencePool`'s ``run`` interface.
 
-    For models that cannot batch (a Piper voice, faster-whisper's ``transcribe``): every call is one item
+    For models that cannot batch (a Piper voice, an espeak-ng process): every call is one item
     of a :class:`~services.common.batching.DynamicBatcher` with batches of one, computed by ``workers``
     instance threads fed from one queue. Over :class:`InferencePool` it adds priorities, a queue bound,
     deadlines that drop a request still queued, and the batcher's metrics (requests, queue and compute time).
@@ -53,8 +55,6 @@ class BatchedPool:
     """
 
     def __init__(self, name: str, workers: int = 1, *, priority_levels: int = 1, max_queue_size: int = 0):
-        from services.common.batching import BatchingConfig, DynamicBatcher
-
         self.workers = max(1, workers)
         config = BatchingConfig(
             max_batch_size=1,

@@ -10,7 +10,8 @@ How audio is decoded (faster-whisper's ``BatchedInferencePipeline``, with adapti
    the longest bucket (silence between speech removed, times mapped back); without it, fixed cuts of that
    length. Each window is given the shortest bucket (``window_buckets_s``) that holds it plus
    ``window_margin_s``: a 4 s utterance is encoded as a 10 s mel window instead of Whisper's padded 30 s,
-   which halved CPU time at equal word error rate (issue 5's measurement; ``benchmarks/bench_stt.py``).
+   which doubled throughput on the shared English set (2.11x at batch 1, WER 6.1% vs 5.8%; measured
+   with ``benchmarks/bench_stt.py``, CPU, int8, 2 threads).
    CTranslate2's Whisper encoder takes any length up to 3000 frames (30 s).
 2. :meth:`WhisperEngine.transcribe_batch` decodes windows of one bucket together: one stacked mel batch,
    one encoder pass, language detection where the language was not given, one ``generate`` with a prompt
@@ -32,12 +33,16 @@ import logging
 import os
 import re
 import threading
-import zlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+import ctranslate2
 import numpy as np
+from faster_whisper import WhisperModel
+from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
+from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
+from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from services.common.devices import check_device
 from services.common.errors import InvalidArgument
@@ -312,12 +317,6 @@ def segments_from_tokens(
     return segments
 
 
-def compression_ratio(text: str) -> float:
-    """gzip-style compression ratio of ``text`` (Whisper's repetition test; faster-whisper's formula)."""
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
-
-
 def merge_transcripts(parts: Sequence[Transcript], duration_s: float, language: str) -> Transcript:
     """Joins the transcripts of one request's windows, in order.
 
@@ -368,10 +367,6 @@ class WhisperEngine:
     sample_rate_hz = SAMPLE_RATE_HZ
 
     def __init__(self, config: SttConfig):
-        import ctranslate2
-        from faster_whisper import WhisperModel
-        from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
-
         bad = [b for b in config.window_buckets_s if not 0 < b <= MAX_WINDOW_S]
         if bad or not config.window_buckets_s:
             raise ValueError(
@@ -407,7 +402,6 @@ class WhisperEngine:
             if self.multilingual
             else frozenset({"en"})
         )
-        self._tokenizer_class = Tokenizer
         self._tokenizers: dict[tuple[str, str], Tokenizer] = {}
         self._tokenizers_lock = threading.Lock()
         self.gates = HallucinationGates(
@@ -480,8 +474,6 @@ class WhisperEngine:
         Returns:
             The windows in time order; empty when there is no audio or no speech.
         """
-        from faster_whisper.vad import VadOptions, get_speech_timestamps
-
         # Speech running to the very end of a window makes Whisper stop early (it learnt that a window's
         # last words continue in the next one): every window keeps the margin after its speech.
         max_speech_s = max(1.0, self.max_window_s - self.config.window_margin_s)
@@ -559,7 +551,7 @@ class WhisperEngine:
                         text=text,
                         avg_logprob=d.avg_logprob,
                         no_speech_prob=d.no_speech_prob,
-                        compression_ratio=compression_ratio(text),
+                        compression_ratio=get_compression_ratio(text),
                         words=tuple(
                             replace(
                                 w,
@@ -609,7 +601,7 @@ class WhisperEngine:
         key = (task, language)
         with self._tokenizers_lock:
             if key not in self._tokenizers:
-                self._tokenizers[key] = self._tokenizer_class(
+                self._tokenizers[key] = Tokenizer(
                     self.model.hf_tokenizer, self.multilingual, task=task, language=language
                 )
             return self._tokenizers[key]
@@ -621,8 +613,6 @@ class WhisperEngine:
     def _generate(
         self, encoder_output, prompts, tokenizers, *, beam_size: int, temperature: float
     ) -> list[_Decoded]:
-        from faster_whisper.transcribe import get_suppressed_tokens
-
         if temperature > 0:
             search = {
                 "beam_size": 1,
@@ -650,7 +640,7 @@ class WhisperEngine:
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
             text = tokenizer.decode([t for t in tokens if t < tokenizer.eot]).strip()
             decoded.append(
-                _Decoded(tokens, text, avg_logprob, result.no_speech_prob, compression_ratio(text))
+                _Decoded(tokens, text, avg_logprob, result.no_speech_prob, get_compression_ratio(text))
             )
         return decoded
 

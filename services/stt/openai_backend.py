@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from faster_whisper.transcribe import get_compression_ratio
 
 from services.common.audio import float_to_pcm16, pcm16_to_wav
 from services.common.errors import InvalidArgument, ParleyError
@@ -50,7 +51,6 @@ from services.stt.engine import (
     Segment,
     Transcript,
     Window,
-    compression_ratio,
     whisper_language,
 )
 from services.stt.filters import HallucinationGates, split_hallucinations
@@ -265,7 +265,12 @@ class OpenAiTranscriptionBackend:
         elif text.strip():
             segments = [
                 Segment(
-                    0.0, round(window.request_time_s(duration_s), 3), text, 0.0, 0.0, compression_ratio(text)
+                    start_s=0.0,
+                    end_s=round(window.request_time_s(duration_s), 3),
+                    text=text,
+                    avg_logprob=0.0,
+                    no_speech_prob=0.0,
+                    compression_ratio=get_compression_ratio(text),
                 )
             ]
         else:
@@ -297,7 +302,7 @@ class OpenAiTranscriptionBackend:
                 text=text,
                 avg_logprob=_number(item.get("avg_logprob"), 0.0),
                 no_speech_prob=_number(item.get("no_speech_prob"), 0.0),
-                compression_ratio=_number(item.get("compression_ratio"), compression_ratio(text)),
+                compression_ratio=_number(item.get("compression_ratio"), get_compression_ratio(text)),
             )
         except ValueError as exc:
             raise ParleyError(
