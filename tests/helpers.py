@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+ENGLISH_SETS = ("ljspeech", "librispeech", "librivox", "jfk")  # the shared English speech set
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -115,3 +116,8 @@ def batch_counts(metrics_port: int, name: str) -> tuple[float, float]:
         found = re.search(rf'^{metric}_total{{name="{name}"}} (\S+)$', text, re.MULTILINE)
         values.append(float(found.group(1)) if found else 0.0)
     return values[0], values[1]
+
+
+def report(line: str) -> None:
+    """Prints a measured figure (shown with -s, and in the captured output of a failure)."""
+    print(line, flush=True)  # noqa: T201 - measured figures belong in the test output

@@ -19,17 +19,12 @@ from benchmarks.metrics import wer
 from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import float_to_pcm16
-from tests.helpers import batch_counts, free_port, read_manifest, read_wav, start_server
+from tests.helpers import ENGLISH_SETS, batch_counts, free_port, read_manifest, read_wav, report, start_server
 
 pytestmark = pytest.mark.timeout(900)
 
 RATE = 16000
 S16 = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE, channels=1)
-ENGLISH_SETS = ("ljspeech", "librispeech", "librivox", "jfk")
-
-
-def report(line: str) -> None:
-    print(line)  # noqa: T201 - the measured figures are this test's report (pytest -s shows them)
 
 
 @pytest.fixture(scope="module")

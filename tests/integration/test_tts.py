@@ -20,7 +20,7 @@ from benchmarks.metrics import wer
 from parley.audio.v1 import audio_pb2
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from services.common.models import resolve_whisper
-from tests.helpers import free_port, read_manifest, start_server
+from tests.helpers import free_port, read_manifest, report, start_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,10 +50,6 @@ def whisper():
     from faster_whisper import WhisperModel
 
     return WhisperModel(resolve_whisper("base"), device="cpu", compute_type="int8")
-
-
-def report(text: str) -> None:
-    print(text)  # noqa: T201 - the measured figures are part of the test's output
 
 
 def pcm_to_float(pcm: bytes) -> np.ndarray:
