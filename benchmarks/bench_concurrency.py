@@ -37,9 +37,10 @@ import asyncio
 import csv
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -69,6 +70,8 @@ LLM_LEVELS = (1, 4, 16)
 SLOW_LEVEL_S = 20.0  # stages whose requests take hundreds of ms: enough requests per level for a p99
 VAD_CHUNK_BYTES = 3200  # 100 ms of PCM_S16LE at 16 kHz
 PCM16_16K = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=16000, channels=1)
+Call = Callable[[int], Awaitable[float]]  # client call i -> units done
+MakeCall = Callable[[grpc.aio.Channel], Call]
 
 
 @dataclass
@@ -94,7 +97,7 @@ class Level:
 
 
 async def _closed_loop(
-    call: Callable[[int], Awaitable[float]], concurrency: int, duration_s: float
+    call: Call, concurrency: int, duration_s: float
 ) -> tuple[int, float, float, list[float]]:
     """``concurrency`` clients calling ``call(i)`` back to back for ``duration_s``.
 
@@ -123,7 +126,7 @@ async def _measure(
     server: ServerProcess,
     metrics_port: int,
     name: str,
-    make_call: Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]],
+    make_call: MakeCall,
     concurrency: int,
     level_s: float,
 ) -> Level:
@@ -165,78 +168,86 @@ def _sentences(n: int) -> list[str]:
     return [out[i % 2][i // 2] for i in range(n)]
 
 
-def _translate_call(sentences: list[str]) -> Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]]:
-    def make(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[float]]:
-        stub = translate_pb2_grpc.TranslationStub(channel)
+def _unary(
+    stub_class: Callable[[grpc.aio.Channel], Any],
+    method: str,
+    request: Callable[[int], Any],
+    units: Callable[[Any, Any], float],
+) -> MakeCall:
+    """Client call ``i``: one ``method`` call of ``request(i)``; counts ``units(request, response)``."""
+
+    def make(channel: grpc.aio.Channel) -> Call:
+        rpc = getattr(stub_class(channel), method)
 
         async def call(i: int) -> float:
-            request = translate_pb2.TranslateRequest(
-                request_id=str(i),
-                texts=[sentences[i % len(sentences)]],
-                source_language="en",
-                target_language="fr",
-            )
-            await stub.Translate(request, timeout=60)
-            return 1.0
+            message = request(i)
+            return units(message, await rpc(message, timeout=300))
 
         return call
 
     return make
 
 
-def _vad_call(clips: list[bytes]) -> Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]]:
-    def make(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[float]]:
+def _audio_s(pcm: bytes) -> float:
+    return len(pcm) / 2 / PCM16_16K.sample_rate_hz
+
+
+def _translate_call(sentences: list[str]) -> MakeCall:
+    return _unary(
+        translate_pb2_grpc.TranslationStub,
+        "Translate",
+        lambda i: translate_pb2.TranslateRequest(
+            request_id=str(i),
+            texts=[sentences[i % len(sentences)]],
+            source_language="en",
+            target_language="fr",
+        ),
+        lambda _request, _response: 1.0,
+    )
+
+
+def _stt_call(clips: list[bytes]) -> MakeCall:
+    return _unary(
+        stt_pb2_grpc.SpeechToTextStub,
+        "Transcribe",
+        lambda i: stt_pb2.TranscribeRequest(
+            request_id=str(i),
+            audio=clips[i % len(clips)],
+            format=PCM16_16K,
+            config=stt_pb2.RecognitionConfig(language="en"),
+        ),
+        lambda request, _response: _audio_s(request.audio),
+    )
+
+
+def _tts_call(sentences: list[str]) -> MakeCall:
+    return _unary(
+        tts_pb2_grpc.SpeechSynthesisStub,
+        "Synthesize",
+        lambda i: tts_pb2.SynthesizeRequest(
+            request_id=str(i), text=sentences[i % len(sentences)], language="en"
+        ),
+        lambda _request, response: response.duration_s,
+    )
+
+
+def _vad_call(clips: list[bytes]) -> MakeCall:
+    def make(channel: grpc.aio.Channel) -> Call:
         stub = vad_pb2_grpc.VoiceActivityDetectionStub(channel)
 
         async def call(i: int) -> float:
             audio = clips[i % len(clips)]
 
-            async def requests():
+            async def requests() -> AsyncIterator[vad_pb2.StreamDetectRequest]:
                 yield vad_pb2.StreamDetectRequest(
-                    config=vad_pb2.StreamDetectConfig(request_id="b", format=PCM16_16K)
+                    config=vad_pb2.StreamDetectConfig(request_id=str(i), format=PCM16_16K)
                 )
                 for start in range(0, len(audio), VAD_CHUNK_BYTES):
                     yield vad_pb2.StreamDetectRequest(audio=audio[start : start + VAD_CHUNK_BYTES])
 
             async for _ in stub.StreamDetect(requests(), timeout=60):
                 pass
-            return len(audio) / 2 / 16000
-
-        return call
-
-    return make
-
-
-def _stt_call(clips: list[bytes]) -> Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]]:
-    def make(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[float]]:
-        stub = stt_pb2_grpc.SpeechToTextStub(channel)
-
-        async def call(i: int) -> float:
-            audio = clips[i % len(clips)]
-            request = stt_pb2.TranscribeRequest(
-                request_id=str(i),
-                audio=audio,
-                format=PCM16_16K,
-                config=stt_pb2.RecognitionConfig(language="en"),
-            )
-            await stub.Transcribe(request, timeout=300)
-            return len(audio) / 2 / 16000
-
-        return call
-
-    return make
-
-
-def _tts_call(sentences: list[str]) -> Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]]:
-    def make(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[float]]:
-        stub = tts_pb2_grpc.SpeechSynthesisStub(channel)
-
-        async def call(i: int) -> float:
-            request = tts_pb2.SynthesizeRequest(
-                request_id=str(i), text=sentences[i % len(sentences)], language="en"
-            )
-            response = await stub.Synthesize(request, timeout=300)
-            return response.duration_s
+            return _audio_s(audio)
 
         return call
 
@@ -259,7 +270,7 @@ def _pair(
 async def _run_stage(
     stage: str,
     flags: list[str],
-    make_call: Callable[[grpc.aio.Channel], Callable[[int], Awaitable[float]]],
+    make_call: MakeCall,
     levels: tuple[int, ...],
     *,
     off_flags: list[str] | None = None,

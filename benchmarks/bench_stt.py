@@ -34,15 +34,15 @@ from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import float_to_pcm16
 from services.stt.config import SttConfig
 from services.stt.engine import WhisperEngine, merge_transcripts
-from tests.helpers import read_manifest, read_wav, start_server
+from tests.helpers import ENGLISH_SETS, read_manifest, read_wav, start_server
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "speech" / "ljspeech"
 RATE_HZ = 16000
+PCM16 = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1)
 GAP_S = 0.3
 REPEATS = 5
 LONG_REPEATS = 5
 CONCURRENCY = 8
-ENGLISH_SETS = ("ljspeech", "librispeech", "librivox", "jfk")
 ADAPTIVE = ("--window-buckets-s", "10,15,20,30")
 WINDOW_CONFIGS = (
     ("fixed 30 s windows, batch 1", ("--window-buckets-s", "30", "--max-batch-size", "1")),
@@ -60,7 +60,9 @@ def build_utterance(target_s: float) -> tuple[np.ndarray, str]:
     """Whole LJ Speech clips that fit in ``target_s`` (0.3 s apart), padded with silence to ``target_s``."""
     with (DATA / "manifest.tsv").open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    parts, texts, total = [], [], 0
+    parts: list[np.ndarray] = []
+    texts: list[str] = []
+    total = 0
     target = int(target_s * RATE_HZ)
     gap = np.zeros(int(GAP_S * RATE_HZ), dtype=np.float32)
     for row in sorted(rows, key=lambda r: -float(r["duration_s"])):
@@ -100,11 +102,10 @@ def _throughput(address: str, pcms: list[bytes]) -> tuple[float, list[str]]:
     """Wall time of transcribing every clip with ``CONCURRENCY`` requests in flight, and the texts."""
     with grpc.insecure_channel(address) as channel, ThreadPoolExecutor(CONCURRENCY) as pool:
         stub = stt_pb2_grpc.SpeechToTextStub(channel)
-        fmt = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1)
 
         def one(pcm: bytes) -> str:
             request = stt_pb2.TranscribeRequest(
-                audio=pcm, format=fmt, config=stt_pb2.RecognitionConfig(language="en")
+                audio=pcm, format=PCM16, config=stt_pb2.RecognitionConfig(language="en")
             )
             return stub.Transcribe(request, timeout=600).text
 
@@ -169,9 +170,7 @@ def main() -> None:
             audio, reference = build_utterance(target_s)
             request = stt_pb2.TranscribeRequest(
                 audio=float_to_pcm16(audio),
-                format=audio_pb2.AudioFormat(
-                    encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1
-                ),
+                format=PCM16,
             )
             for beam in beams:
                 request.config.CopyFrom(stt_pb2.RecognitionConfig(language="en", beam_size=beam))
@@ -204,9 +203,7 @@ def main() -> None:
             audio, _ = build_utterance(target_s)
             request = stt_pb2.TranscribeRequest(
                 audio=float_to_pcm16(audio),
-                format=audio_pb2.AudioFormat(
-                    encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1
-                ),
+                format=PCM16,
                 config=stt_pb2.RecognitionConfig(language="xx"),
             )
             trips = []

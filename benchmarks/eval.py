@@ -28,7 +28,6 @@ import os
 import platform
 import tempfile
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +35,19 @@ import grpc
 import numpy as np
 import sacrebleu
 
-from benchmarks import metrics
+from benchmarks import bench_gateway, metrics
 from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
+from parley.vad.v1 import vad_pb2_grpc
 from services.cli import STAGES, LocalCluster
-from services.common.audio import resample
-from tests.helpers import free_port
+from services.common.audio import float_to_pcm16, resample
+from services.gateway.file_job import FileJobSettings, FileTranslator
+from services.stt.config import SttConfig
+from tests.helpers import SHARED_DATA, free_port, read_manifest, read_wav
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
 DOCS = ROOT / "docs"
 FIGURES = DOCS / "evaluation"
 RATE_HZ = 16000
@@ -78,20 +79,12 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
-def _manifest(folder: str) -> list[dict[str, str]]:
-    rows = _rows(DATA / "speech" / folder / "manifest.tsv")
-    for row in rows:
-        row["path"] = str(DATA / "speech" / folder / row["file"])
-    return rows
-
-
 def _pcm(path: str) -> bytes:
-    with wave.open(path, "rb") as w:
-        return w.readframes(w.getnframes())
+    return read_wav(path)[0]
 
 
 def _transcribe(
-    stub: Any, pcm: bytes, language: str, task: int = stt_pb2.TRANSCRIBE
+    stub: Any, pcm: bytes, language: str, task: stt_pb2.Task = stt_pb2.TRANSCRIBE
 ) -> stt_pb2.TranscribeResponse:
     return stub.Transcribe(
         stt_pb2.TranscribeRequest(
@@ -101,8 +94,8 @@ def _transcribe(
     )
 
 
-def _translate(stub: Any, texts: list[str], source: str, target: str) -> tuple[list[str], str]:
-    out, model = [], ""
+def _translate(stub: Any, texts: list[str], source: str, target: str) -> list[str]:
+    out: list[str] = []
     for at in range(0, len(texts), 16):
         response = stub.Translate(
             translate_pb2.TranslateRequest(
@@ -111,8 +104,7 @@ def _translate(stub: Any, texts: list[str], source: str, target: str) -> tuple[l
             timeout=600,
         )
         out += list(response.translations)
-        model = response.model
-    return out, model
+    return out
 
 
 # -- sections -------------------------------------------------------------------------------------------
@@ -121,7 +113,7 @@ def _translate(stub: Any, texts: list[str], source: str, target: str) -> tuple[l
 def eval_stt(stt: Any) -> list[dict[str, Any]]:
     results = []
     for folder, language in SPEECH_SETS:
-        rows = [r for r in _manifest(folder) if r["language"] == language]
+        rows = [r for r in read_manifest(folder) if r["language"] == language]
         if not rows:
             continue
         hyps, audio_s, wall_s = [], 0.0, 0.0
@@ -149,11 +141,11 @@ def eval_stt(stt: Any) -> list[dict[str, Any]]:
     return results
 
 
-def eval_translation(mt: Any) -> tuple[list[dict[str, Any]], str, str, str]:
-    results, model = [], ""
+def eval_translation(mt: Any) -> tuple[list[dict[str, Any]], str, str]:
+    results = []
     bleu_sig = chrf_sig = ""
     for name, reverse in TEXT_SETS:
-        rows = _rows(DATA / "text" / name)[:LINES]
+        rows = _rows(SHARED_DATA / "text" / name)[:LINES]
         if not rows:
             continue
         src_lang, tgt_lang = rows[0]["src_lang"], rows[0]["tgt_lang"]
@@ -161,7 +153,7 @@ def eval_translation(mt: Any) -> tuple[list[dict[str, Any]], str, str, str]:
         if reverse:
             src_lang, tgt_lang, sources, refs = tgt_lang, src_lang, refs, sources
         started = time.perf_counter()
-        hyps, model = _translate(mt, sources, src_lang, tgt_lang)
+        hyps = _translate(mt, sources, src_lang, tgt_lang)
         wall_s = time.perf_counter() - started
         bleu = sacrebleu.metrics.BLEU()
         chrf = sacrebleu.metrics.CHRF()
@@ -182,16 +174,16 @@ def eval_translation(mt: Any) -> tuple[list[dict[str, Any]], str, str, str]:
             f"MT {label}: chrF {chrf_score:.1f} BLEU {bleu_score:.1f} ({wall_s / len(rows):.2f} s/sentence)"
         )
     print(f"sacrebleu signatures: BLEU {bleu_sig}; chrF {chrf_sig}")
-    return results, model, bleu_sig, chrf_sig
+    return results, bleu_sig, chrf_sig
 
 
 def eval_speech_translation(stt: Any, mt: Any) -> list[dict[str, Any]]:
-    rows = _manifest("fleurs")
+    rows = read_manifest("fleurs")
     results = []
     for source, target in (("fr", "en"), ("en", "fr")):
         subset = [r for r in rows if r["language"] == source]
         transcripts = [_transcribe(stt, _pcm(r["path"]), source).text for r in subset]
-        hyps, _ = _translate(mt, transcripts, source, target)
+        hyps = _translate(mt, transcripts, source, target)
         refs = [r[f"translation_{target}"] for r in subset]
         score = metrics.chrf(refs, hyps)
         results.append({"path": f"cascade {source}->{target}", "n": len(subset), "chrf": score})
@@ -206,7 +198,7 @@ def eval_speech_translation(stt: Any, mt: Any) -> list[dict[str, Any]]:
 
 def eval_tts(tts: Any, stt: Any) -> tuple[list[dict[str, Any]], dict[str, str]]:
     results, voices = [], {}
-    rows = _manifest("fleurs")
+    rows = read_manifest("fleurs")
     for language in ("en", "fr"):
         texts = [r["reference_text"] for r in rows if r["language"] == language]
         hyps = []
@@ -215,8 +207,7 @@ def eval_tts(tts: Any, stt: Any) -> tuple[list[dict[str, Any]], dict[str, str]]:
             voices[language] = response.voice
             samples = np.frombuffer(response.audio, dtype="<i2").astype(np.float32) / 32768.0
             audio = resample(samples, response.format.sample_rate_hz or RATE_HZ, RATE_HZ)
-            pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-            hyps.append(_transcribe(stt, pcm, language).text)
+            hyps.append(_transcribe(stt, float_to_pcm16(audio), language).text)
         score = metrics.wer(texts, hyps, language)
         results.append({"language": language, "voice": voices[language], "n": len(texts), "wer": score})
         print(f"TTS round trip {language} ({voices[language]}): WER {score:.1%}")
@@ -224,9 +215,6 @@ def eval_tts(tts: Any, stt: Any) -> tuple[list[dict[str, Any]], dict[str, str]]:
 
 
 async def _subtitles(addresses: dict[str, str]) -> list[dict[str, Any]]:
-    from parley.vad.v1 import vad_pb2_grpc
-    from services.gateway.file_job import FileTranslator
-
     channels = [grpc.aio.insecure_channel(addresses[s]) for s in ("vad", "stt", "translate")]
     job = FileTranslator(
         vad_pb2_grpc.VoiceActivityDetectionStub(channels[0]),
@@ -236,12 +224,13 @@ async def _subtitles(addresses: dict[str, str]) -> list[dict[str, Any]]:
     results = []
     try:
         inputs = []
-        for row in _manifest("fleurs"):
+        for row in read_manifest("fleurs"):
             target = "en" if row["language"] == "fr" else "fr"
             inputs.append((f"FLEURS {row['file']}", _pcm(row["path"]), row["language"], target))
         gap = np.zeros(RATE_HZ, "<i2").tobytes()
-        lj = gap + gap.join(_pcm(r["path"]) for r in _manifest("ljspeech")) + gap
-        inputs.append(("LJSpeech, all 32 recordings concatenated", lj, "en", ""))
+        lj_rows = read_manifest("ljspeech")
+        lj = gap + gap.join(_pcm(r["path"]) for r in lj_rows) + gap
+        inputs.append((f"LJSpeech, all {len(lj_rows)} recordings concatenated", lj, "en", ""))
         for name, pcm, source, target in inputs:
             audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
             started = time.perf_counter()
@@ -270,8 +259,6 @@ async def _subtitles(addresses: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def eval_latency(address: str) -> dict[str, Any]:
-    from benchmarks import bench_gateway
-
     recordings = bench_gateway._recordings()
     asyncio.run(bench_gateway._level(address, recordings[:1], 1))  # warm-up, not counted
     samples = asyncio.run(bench_gateway._level(address, recordings, 1))
@@ -357,8 +344,8 @@ def write_report(
     out.append("## Speech-to-text\n")
     out.append(
         "Corpus word error rate after Whisper's normalisers (EnglishTextNormalizer for English, "
-        "BasicTextNormalizer otherwise; benchmarks/metrics.py), language given. Real-time factor: wall time "
-        "of each Transcribe call over the audio duration, one call at a time.\n"
+        "BasicTextNormalizer otherwise; benchmarks/metrics.py), language given. Real-time factor: total wall "
+        "time of the Transcribe calls (one at a time) over the total audio duration.\n"
     )
     out.append(
         _table(
@@ -418,12 +405,14 @@ def write_report(
         )
     )
     out.append("\n## Subtitles\n")
+    rules = FileJobSettings().rules
     out.append(
-        "The TranslateFile batch path (services/gateway/file_job.py) on each FLEURS recording "
-        "(translated fr->en "
-        "and en->fr) and on the 32 LJSpeech recordings concatenated with 1 s silences (English only). Rules "
-        "(Netflix Timed Text Style Guide): 42 characters a line, 2 lines, 20 cps maximum, 5/6 s to 7 s, "
-        "2 frames between cues. Speed: audio duration over wall time (x real time).\n"
+        "The TranslateFile batch path (services/gateway/file_job.py, default settings) on each FLEURS "
+        "recording (translated fr->en and en->fr) and on the LJSpeech recordings concatenated with 1 s "
+        f"silences (English only). Rules (Netflix Timed Text Style Guide): {rules.max_line_chars} characters "
+        f"a line, {rules.max_lines} lines, {rules.max_cps:g} cps maximum, {rules.min_duration_ms} ms to "
+        f"{rules.max_duration_ms} ms, {rules.gap_ms} ms between cues. Speed: audio duration over wall time "
+        "(x real time).\n"
     )
     rows = []
     for r in sections["subtitles"]:
@@ -475,8 +464,8 @@ def write_report(
 
 
 def main() -> None:
-    if not DATA.exists():
-        print(f"skipped: {DATA} is missing")
+    if not SHARED_DATA.exists():
+        print(f"skipped: {SHARED_DATA} is missing")
         return
     started = time.perf_counter()
     sections: dict[str, Any] = {"load": os.getloadavg()[0]}
@@ -497,13 +486,14 @@ def main() -> None:
                 mt = translate_pb2_grpc.TranslationStub(channels["translate"])
                 tts = tts_pb2_grpc.SpeechSynthesisStub(channels["tts"])
                 model = mt.ListLanguagePairs(translate_pb2.ListLanguagePairsRequest(), timeout=30).model
+                stt_config = SttConfig()
                 settings = {
-                    "stt": "Whisper base (bundled CTranslate2 conversion, int8 on CPU, beam 5, "
-                    "server defaults)",
+                    "stt": f"Whisper {stt_config.model} (server defaults: {stt_config.device}, compute type "
+                    f"{stt_config.compute_type}, beam {stt_config.beam_size})",
                     "mt": f"translation server default backend, model {model or 'unknown'}",
                 }
                 sections["stt"] = eval_stt(stt)
-                sections["mt"], _, sections["bleu_sig"], sections["chrf_sig"] = eval_translation(mt)
+                sections["mt"], sections["bleu_sig"], sections["chrf_sig"] = eval_translation(mt)
                 sections["st"] = eval_speech_translation(stt, mt)
                 sections["tts"], voices = eval_tts(tts, stt)
                 settings["tts"] = ", ".join(f"{k}: {v}" for k, v in voices.items())
