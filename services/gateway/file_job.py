@@ -158,9 +158,7 @@ def make_chunks(segments: Sequence[tuple[int, int]], max_chunk_ms: int, max_paus
     return chunks
 
 
-def merge_windows(
-    windows: Sequence[tuple[int, list[tuple[int, int]]]], window_ms: int
-) -> list[tuple[int, int]]:
+def merge_windows(windows: Sequence[tuple[int, list[tuple[int, int]]]]) -> list[tuple[int, int]]:
     """Joins the VAD segments of consecutive windows (offset_ms, segments relative to the window).
 
     A segment that ends at its window's end and one that starts at the next window's start are one segment
@@ -222,7 +220,7 @@ class FileTranslator:
             windows.append(
                 (offset * 1000 // RATE_HZ, [(int(s.start_ms), int(s.end_ms)) for s in response.segments])
             )
-        return merge_windows(windows, window * 1000 // RATE_HZ)
+        return merge_windows(windows)
 
     async def _transcribe(
         self,

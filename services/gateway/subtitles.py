@@ -594,11 +594,6 @@ def _fix_short(cues: list[Cue], rules: LayoutRules, media_end_ms: int | None) ->
     return cues
 
 
-def renumber(cues: Sequence[Cue]) -> list[Cue]:
-    """The cues in time order (SRT numbers them from 1 in this order)."""
-    return sorted(cues, key=lambda c: (c.start_ms, c.end_ms))
-
-
 # -- writers -----------------------------------------------------------------------------------------------
 
 
@@ -930,7 +925,7 @@ def quality_report(
             )
         )
         previous = cue
-    total_source = sum(len(t) for u, t in (source_texts or {}).items() if t.strip())
+    total_source = sum(len(t) for t in (source_texts or {}).values() if t.strip())
     total_target = sum(len(c.text) for c in cues)
     low_ratio, high_ratio = LENGTH_RATIO_RANGE
     return QualityReport(

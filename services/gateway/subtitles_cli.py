@@ -28,11 +28,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from services.cli import DEFAULT_SERVER
+
 RATE_HZ = 16000
-DEFAULT_SERVER = (
-    "127.0.0.1:50051"  # services.gateway.config.DEFAULT_PORTS["gateway"], the `parley up` address
-)
 _CHUNK_BYTES = 64 * 1024
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
 class MediaError(Exception):
@@ -162,8 +162,7 @@ async def _via_gateway(
         for at in range(0, len(pcm), _CHUNK_BYTES):
             yield gateway_pb2.TranslateFileRequest(audio=pcm[at : at + _CHUNK_BYTES])
 
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(server, options=options) as channel:
+    async with grpc.aio.insecure_channel(server, options=_CHANNEL_OPTIONS) as channel:
         call = gateway_pb2_grpc.GatewayStub(channel).TranslateFile(requests(), timeout=timeout_s)
         async for response in call:
             if response.WhichOneof("event") == "progress":
@@ -182,13 +181,12 @@ async def _in_process(args: argparse.Namespace, samples: np.ndarray, bar: Progre
     from services.common.resilience import Deadline
     from services.gateway.file_job import FileTranslator, result_to_proto
 
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     addresses = (
         args.vad,
         args.stt,
         args.translate or args.stt,
     )  # no --target: the translation stub is unused
-    channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
+    channels = [grpc.aio.insecure_channel(a, options=_CHANNEL_OPTIONS) for a in addresses]
     try:
         job = FileTranslator(
             vad_pb2_grpc.VoiceActivityDetectionStub(channels[0]),

@@ -1,8 +1,8 @@
 """`parley subtitles` end to end on real VAD, STT (Whisper base) and translation servers, real recordings.
 
-One set of servers serves the module. The gateway's ``TranslateFile`` RPC is served here by a minimal
-``Gateway`` servicer around :class:`FileTranslator` (the few lines the gateway servicer carries), with the
-shared status-mapping interceptor; other tests run the command's in-process mode against the stage servers.
+One set of servers serves the module. The gateway's ``TranslateFile`` RPC is served here by the gateway
+servicer itself, with the shared status-mapping interceptor; other tests run the command's in-process mode
+against the stage servers.
 The command runs as its own process wherever it makes gRPC calls.
 """
 
@@ -15,7 +15,6 @@ import json
 import resource
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -23,17 +22,15 @@ import numpy as np
 import pytest
 
 from benchmarks.metrics import wer
-from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from parley.stt.v1 import stt_pb2_grpc
-from parley.translate.v1 import translate_pb2_grpc
-from parley.vad.v1 import vad_pb2_grpc
+from parley.gateway.v1 import gateway_pb2_grpc
 from services.common.audio import pcm16_to_wav
-from services.common.resilience import Deadline
 from services.common.server import StatusMappingInterceptor
 from services.gateway import subtitles as subs
 from services.gateway import subtitles_cli
-from services.gateway.file_job import FileTranslator
-from tests.helpers import ROOT, read_manifest, read_wav, start_server
+from services.gateway.config import GatewayConfig
+from services.gateway.downstream import Downstream
+from services.gateway.servicer import GatewayServicer
+from tests.helpers import ROOT, read_manifest, read_wav, report, start_server
 
 srt = pytest.importorskip("srt", reason="srt is in the dev extra")
 webvtt = pytest.importorskip("webvtt", reason="webvtt-py is in the dev extra")
@@ -42,11 +39,6 @@ av = pytest.importorskip("av")
 pytestmark = pytest.mark.timeout(900)
 in_session_loop = pytest.mark.asyncio(loop_scope="session")  # the loop of the module's async fixtures
 RATE_HZ = 16000
-
-
-def report(line: str) -> None:
-    """Prints a measured figure (shown with -s, and in the captured output of a failure)."""
-    print(line, flush=True)  # noqa: T201 - measured figures belong in the test output
 
 
 @pytest.fixture(scope="module")
@@ -66,37 +58,20 @@ def stage_flags(stages: dict[str, str]) -> list[str]:
     return ["--vad", stages["vad"], "--stt", stages["stt"], "--translate", stages["translate"]]
 
 
-class FileGateway(gateway_pb2_grpc.GatewayServicer):
-    """The TranslateFile part of the gateway servicer, as the lead wires it."""
-
-    def __init__(self, job: FileTranslator):
-        self.job = job
-
-    async def TranslateFile(  # noqa: N802 - generated gRPC method name
-        self,
-        request_iterator: AsyncIterator[gateway_pb2.TranslateFileRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[gateway_pb2.TranslateFileResponse]:
-        async for response in self.job.serve(request_iterator, Deadline.after(context.time_remaining())):
-            yield response
-
-
 @pytest.fixture(scope="module")
 async def gateway(stages):
-    channels = [grpc.aio.insecure_channel(stages[s]) for s in ("vad", "stt", "translate")]
-    job = FileTranslator(
-        vad_pb2_grpc.VoiceActivityDetectionStub(channels[0]),
-        stt_pb2_grpc.SpeechToTextStub(channels[1]),
-        translate_pb2_grpc.TranslationStub(channels[2]),
+    """The gateway servicer on the three stage servers (TTS unused by TranslateFile)."""
+    config = GatewayConfig(
+        vad_address=stages["vad"], stt_address=stages["stt"], translate_address=stages["translate"]
     )
+    downstream = Downstream(config)
     server = grpc.aio.server(interceptors=[StatusMappingInterceptor()])
-    gateway_pb2_grpc.add_GatewayServicer_to_server(FileGateway(job), server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(config, downstream), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     yield f"127.0.0.1:{port}"
     await server.stop(1)
-    for channel in channels:
-        await channel.close()
+    await downstream.close()
 
 
 def concat(paths: list[str], silence_s: float = 1.0) -> bytes:

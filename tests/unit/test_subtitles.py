@@ -261,7 +261,7 @@ def test_chunks_merge_close_segments_up_to_the_limit():
 
 def test_vad_windows_are_stitched_at_their_border():
     windows = [(0, [(1000, 2000), (9950, 10000)]), (10000, [(0, 800), (3000, 4000)])]
-    assert merge_windows(windows, 10000) == [(1000, 2000), (9950, 10800), (13000, 14000)]
+    assert merge_windows(windows) == [(1000, 2000), (9950, 10800), (13000, 14000)]
 
 
 def test_squeezed_short_cue_borrows_time_from_a_neighbour_with_spare():
