@@ -125,8 +125,8 @@ def test_a_deadline_passing_mid_batch_raises_and_leaves_the_instance_clean(backe
 
 
 def test_a_context_smaller_than_the_batch_makes_sentences_wait_for_room():
-    # The en<->fr few-shot prompt takes about 90 tokens; a short sentence's prompt about 15 plus a
-    # generation budget of about 40: three at a time fit in 256 tokens, so eight run in waves.
+    # The en->fr few-shot prompt takes 89 tokens; these sentences' own prompts 10 to 18 plus generation
+    # budgets of 26 to 40 (measured): about three at a time fit in 256 tokens, so eight run in waves.
     config = TranslateConfig(
         llm_languages=("en", "fr"), llm_context_tokens=256, llm_max_tokens=MAX_TOKENS, max_batch_size=8
     )

@@ -1,7 +1,10 @@
 """The CTranslate2 backend with tiny models built here (random weights, real SentencePiece, real runtime).
 
 The NLLB-layout model is served by a real server process; the M2M100 and Marian layouts are loaded by the
-engine in-process. Translations are nonsense (random weights): the tests check the mechanics.
+engine in-process. Translations are nonsense (random weights): the tests check the mechanics, the dynamic
+batcher's included: sentences of concurrent requests share model batches, the results must be exactly
+those of translating each sentence alone, and the batcher's Prometheus counters must show batches larger
+than one.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from services.common.errors import InvalidArgument
 from services.translate.config import Backend, TranslateConfig
 from services.translate.engine import load_engine
 from tests.fixtures.tiny_ct2 import build_tiny_model
-from tests.helpers import shared_data, start_server
+from tests.helpers import batch_counts, free_port, shared_data, start_server
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
 
 MAX_TEXTS = 40
 MAX_CHARS = 10000
 DECODE_TOKENS = 24
+QUEUE_DELAY_MS = 20.0
+REQUESTS = 24
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,12 @@ def nllb_dir(tmp_path_factory, text_dir):
 
 
 @pytest.fixture(scope="module")
-def server(nllb_dir):
+def metrics_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(nllb_dir, metrics_port):
     proc = start_server(
         "translate",
         "--backend",
@@ -54,6 +64,10 @@ def server(nllb_dir):
         str(MAX_CHARS),
         "--intra-threads",
         "1",
+        "--max-queue-delay-ms",
+        str(QUEUE_DELAY_MS),
+        "--metrics-port",
+        str(metrics_port),
     )
     yield proc
     assert proc.terminate() == 0, proc.log()
@@ -65,9 +79,9 @@ async def stub(server):
         yield translate_pb2_grpc.TranslationStub(channel)
 
 
-async def translate(stub, texts, source="en", target="fr", request_id="r"):
+async def translate(stub, texts, source="en", target="fr", request_id="r", priority=0):
     request = translate_pb2.TranslateRequest(
-        request_id=request_id, texts=texts, source_language=source, target_language=target
+        request_id=request_id, texts=texts, source_language=source, target_language=target, priority=priority
     )
     return await asyncio.wait_for(stub.Translate(request), 60)
 
@@ -167,6 +181,62 @@ async def test_concurrent_requests_are_all_answered(stub):
     assert [r.request_id for r in responses] == [str(i) for i in range(12)]
     alone = [(await translate(stub, t)).translations[0] for t in texts[:3]]
     assert [r.translations[0] for r in responses[:3]] == alone
+
+
+def unbatched(nllb_dir, texts: list[str], pairs: list[tuple[str, str]]) -> list[str]:
+    """Each text translated in-process with CTranslate2 batches of one sentence (no batching at all)."""
+    config = TranslateConfig(
+        backend=Backend.CTRANSLATE2,
+        model_path=str(nllb_dir),
+        max_decoding_length=DECODE_TOKENS,
+        intra_threads=1,
+        max_batch_size=1,
+    )
+    engine = load_engine(config)
+    try:
+        return [engine.translate([t], s, d)[0] for t, (s, d) in zip(texts, pairs, strict=True)]
+    finally:
+        engine.close()
+
+
+async def test_concurrent_requests_share_batches_and_equal_unbatched_results(
+    stub, nllb_dir, text_dir, metrics_port
+):
+    texts = mixed_texts(text_dir, REQUESTS)
+    # Two language pairs interleaved: a batch must never mix them (the batch key).
+    pairs = [("en", "fr") if i % 3 else ("en", "tr") for i in range(REQUESTS)]
+    expected = await asyncio.to_thread(unbatched, nllb_dir, texts, pairs)
+    assert len(set(expected)) >= REQUESTS - 2, "outputs depend on the input: the comparison means something"
+
+    requests_before, executions_before = await asyncio.to_thread(batch_counts, metrics_port, "translate")
+    responses = await asyncio.gather(
+        *(
+            translate(stub, [t], s, d, priority=1 + i % 3)
+            for i, (t, (s, d)) in enumerate(zip(texts, pairs, strict=True))
+        )
+    )
+    requests_after, executions_after = await asyncio.to_thread(batch_counts, metrics_port, "translate")
+
+    assert [r.translations[0] for r in responses] == expected
+    items = requests_after - requests_before
+    executions = executions_after - executions_before
+    assert items >= REQUESTS, "one batcher item per sentence (a text may hold several)"
+    assert executions < items, f"mean batch size {items / executions:.2f}: sentences shared batches"
+
+
+async def test_sequential_requests_equal_unbatched_results(stub, nllb_dir, text_dir):
+    texts = mixed_texts(text_dir, 6)
+    expected = await asyncio.to_thread(unbatched, nllb_dir, texts, [("en", "fr")] * len(texts))
+    assert [(await translate(stub, [t])).translations[0] for t in texts] == expected
+
+
+@pytest.mark.parametrize("priority", [4, 100])
+async def test_a_priority_beyond_the_configured_levels_is_invalid_argument(stub, priority):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await translate(stub, ["Hello there."], priority=priority)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"priority {priority} is out of range" in err.value.details()
+    assert (await translate(stub, ["Hello there."], priority=3)).translations[0]
 
 
 def check_family(model_dir, family: str) -> None:
