@@ -1,8 +1,9 @@
-"""Text helpers shared by the stages: sentence splitting."""
+"""Text helpers shared by the stages: sentence splitting, repetition loops."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Hashable, Sequence
 
 # Terminal punctuation (Latin, CJK, Arabic, Devanagari), then any closing quotes or brackets, then a French
 # closing guillemet after a (no-break) space.
@@ -66,3 +67,41 @@ def _append(sentences: list[str], sentence: str) -> None:
         sentences[-1] += " " + sentence
     else:
         sentences.append(sentence)
+
+
+def tandem_repeats(
+    keys: Sequence[Hashable | None], is_loop: Callable[[int, int], bool], max_unit: int | None = None
+) -> list[tuple[int, int, int]]:
+    """Runs in which a unit of keys is followed at once by copies of itself (a decoder's repetition loop).
+
+    Scans left to right; at each position the shortest unit (at most ``max_unit`` keys) with
+    ``is_loop(unit_length, copies)`` wins and the scan resumes after its run. A unit of ``None`` keys only
+    (punctuation, say) never loops.
+
+    Args:
+        keys: Comparable keys (normalised words, token ids); ``None`` for one that carries no text.
+        is_loop: Whether ``copies`` (>= 2) consecutive occurrences of a unit of ``unit_length`` keys are a
+            loop.
+        max_unit: Longest unit; ``None`` for half of what remains.
+
+    Returns:
+        (start, unit_length, copies) per run, in order, not overlapping.
+    """
+    runs = []
+    i = 0
+    while i < len(keys):
+        step = 1
+        longest = (len(keys) - i) // 2
+        for n in range(1, longest + 1 if max_unit is None else min(max_unit, longest) + 1):
+            unit = keys[i : i + n]
+            if all(key is None for key in unit):
+                continue
+            copies = 1
+            while keys[i + copies * n : i + (copies + 1) * n] == unit:
+                copies += 1
+            if copies > 1 and is_loop(n, copies):
+                runs.append((i, n, copies))
+                step = copies * n
+                break
+        i += step
+    return runs

@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.text import tandem_repeats
+
 FRAME_RATE_FPS = 24.0
 
 
@@ -716,33 +718,16 @@ def cut_tandem_repeats(text: str, max_n: int = 8, min_repeats: int = 3) -> tuple
         The text with each loop cut to one occurrence, and the loops found (lower-cased phrases).
     """
     words = text.split()
-    keys = [" ".join(_tokens(w)) for w in words]
+    keys = [" ".join(_tokens(w)) or None for w in words]
     out: list[str] = []
     loops: list[str] = []
-    i = 0
-    while i < len(words):
-        step = 0
-        for n in range(1, max_n + 1):
-            unit = keys[i : i + n]
-            if len(unit) < n:
-                break
-            if not any(unit):
-                continue
-            repeats = 1
-            while keys[i + repeats * n : i + (repeats + 1) * n] == unit:
-                repeats += 1
-            if repeats >= min_repeats:
-                # The last occurrence's final word keeps the punctuation that follows the loop.
-                out += [*words[i : i + n - 1], words[i + repeats * n - 1]]
-                loops.append(" ".join(k for k in unit if k))
-                step = repeats * n
-                break
-        if step:
-            i += step
-        else:
-            out.append(words[i])
-            i += 1
-    return " ".join(out), loops
+    done = 0
+    for start, n, copies in tandem_repeats(keys, lambda _, copies: copies >= min_repeats, max_n):
+        # The last occurrence's final word keeps the punctuation that follows the loop.
+        out += [*words[done:start], *words[start : start + n - 1], words[start + copies * n - 1]]
+        loops.append(" ".join(k for k in keys[start : start + n] if k))
+        done = start + copies * n
+    return " ".join(out + words[done:]), loops
 
 
 def repeated_ngrams(text: str, max_n: int = 4, min_count: int = 3, min_run: int = 4) -> list[str]:

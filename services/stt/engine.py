@@ -17,8 +17,9 @@ How audio is decoded (faster-whisper's ``BatchedInferencePipeline``, with adapti
    one encoder pass, language detection where the language was not given, one ``generate`` with a prompt
    per window (language, task, initial prompt, hotwords), Whisper's temperature fallback for the windows
    that fail the compression-ratio or log-probability test (re-decoded together by sampling at rising
-   temperatures, as faster-whisper's ``generate_with_fallback``), then word timestamps by cross-attention
-   alignment (faster-whisper's ``add_word_timestamps``).
+   temperatures, as faster-whisper's ``generate_with_fallback``), repetition loops cut from a decode that
+   still fails the compression-ratio test (:func:`cut_repetition_loops`), then word timestamps by
+   cross-attention alignment (faster-whisper's ``add_word_timestamps``).
 3. The servicer merges the windows' transcripts (:func:`merge_transcripts`).
 
 Windows are decoded independently (no previous-text conditioning across windows, as in faster-whisper's
@@ -48,6 +49,7 @@ from services.common.devices import check_device
 from services.common.errors import InvalidArgument
 from services.common.models import resolve_whisper, silero_vad_path
 from services.common.resilience import Deadline
+from services.common.text import tandem_repeats
 from services.stt.config import SttConfig
 from services.stt.endpointing import SileroSession, StreamingSilero
 from services.stt.filters import HallucinationGates, split_hallucinations
@@ -317,6 +319,33 @@ def segments_from_tokens(
     return segments
 
 
+def cut_repetition_loops(tokens: Sequence[int], text_token_limit: int, min_cut_tokens: int = 4) -> list[int]:
+    """Cuts Whisper's repetition loops from decoded tokens: text said again right after itself is kept once.
+
+    A unit of ``n`` text tokens followed at once by ``r - 1`` copies of itself loses the copies when they
+    hold at least ``min_cut_tokens`` tokens ("that that" stays; a sentence said three times over becomes
+    one). Timestamp and special tokens (``>= text_token_limit``) are skipped when comparing; those inside a
+    cut stretch go with it, so the kept copy's words are aligned over the audio all copies were given.
+    Runs are found by :func:`services.common.text.tandem_repeats`.
+
+    Args:
+        tokens: One decode's token ids, timestamps included.
+        text_token_limit: The first id that is not text (the tokenizer's ``eot``: timestamps come after it).
+        min_cut_tokens: Fewest repeated tokens that make a loop.
+
+    Returns:
+        The tokens with each loop's copies removed (the same list contents when there is no loop).
+    """
+    positions = [k for k, token in enumerate(tokens) if token < text_token_limit]
+    text = [tokens[k] for k in positions]
+    runs = tandem_repeats(text, lambda n, copies: n * (copies - 1) >= min_cut_tokens)
+    cut = [(positions[i + n], positions[i + copies * n - 1]) for i, n, copies in runs]
+    if not cut:
+        return list(tokens)
+    removed = {k for first, last in cut for k in range(first, last + 1)}
+    return [token for k, token in enumerate(tokens) if k not in removed]
+
+
 def merge_transcripts(parts: Sequence[Transcript], duration_s: float, language: str) -> Transcript:
     """Joins the transcripts of one request's windows, in order.
 
@@ -528,6 +557,7 @@ class WhisperEngine:
         )
         if options.temperature_fallback:
             self._fall_back(decoded, features, prompts, tokenizers)
+        decoded = [self._without_loops(d, t) for d, t in zip(decoded, tokenizers, strict=True)]
         results = []
         splits = [
             segments_from_tokens(d.tokens, t.timestamp_begin, len(w.audio) / SAMPLE_RATE_HZ)
@@ -650,6 +680,28 @@ class WhisperEngine:
         failed = d.compression_ratio > g.compression_ratio_threshold or d.avg_logprob < g.log_prob_threshold
         silent = d.no_speech_prob > g.no_speech_threshold and d.avg_logprob < g.log_prob_threshold
         return failed and not silent
+
+    def _without_loops(self, d: _Decoded, tokenizer) -> _Decoded:
+        """``d`` with its repetition loops cut when it still fails the compression-ratio test.
+
+        After the fallback schedule a window may keep a looping decode (every attempt looped; the rule then
+        takes the most likely); its copies would otherwise reach the caller as text said several times over
+        the same speech (seen as a sentence tripled in a 10-minute subtitle job).
+        """
+        if d.compression_ratio <= self.gates.compression_ratio_threshold:
+            return d
+        tokens = cut_repetition_loops(d.tokens, tokenizer.eot)
+        if len(tokens) == len(d.tokens):
+            return d
+        text = tokenizer.decode([t for t in tokens if t < tokenizer.eot]).strip()
+        logger.info(
+            "cut a repetition loop: %d of %d tokens removed, compression ratio %.2f -> %.2f",
+            len(d.tokens) - len(tokens),
+            len(d.tokens),
+            d.compression_ratio,
+            get_compression_ratio(text),
+        )
+        return replace(d, tokens=tokens, text=text, compression_ratio=get_compression_ratio(text))
 
     def _fall_back(self, decoded: list[_Decoded], features: np.ndarray, prompts, tokenizers) -> None:
         """Re-decodes failing windows by sampling at rising temperatures, in place.

@@ -11,14 +11,19 @@ from services.stt.engine import (
     DecodeOptions,
     Segment,
     Transcript,
+    WhisperEngine,
     Window,
+    _Decoded,
     bucket_s,
+    cut_repetition_loops,
     merge_transcripts,
     pack_spans,
     segments_from_tokens,
 )
+from services.stt.filters import HallucinationGates
 
 TB = 50364  # <|0.00|> of the multilingual vocabulary
+EOT = 50257  # <|endoftext|>: text tokens are below it
 
 
 @st.composite
@@ -73,6 +78,82 @@ def test_text_after_the_last_timestamp_ends_at_the_window_audio_end():
     assert segments_from_tokens([TB + 50, 100, 101], TB, 3.5) == [(1.0, 3.5, [TB + 50, 100, 101])]
     assert segments_from_tokens([TB, TB + 10], TB, 3.5) == []  # timestamps without text
     assert segments_from_tokens([TB, 100, TB + 400], TB, 3.5)[0][1] == 3.5  # clamped to the audio
+
+
+def test_a_sentence_looped_over_its_speech_is_kept_once_with_the_speech_after_it():
+    a, b, c, d, e = 100, 101, 102, 103, 104
+    looped = [TB, a, b, c, TB + 250, TB + 250, a, b, c, TB + 450, TB + 450, a, b, c, TB + 700, TB + 700, d, e]
+    cut = cut_repetition_loops([*looped, TB + 1000], EOT)
+    assert cut == [TB, a, b, c, TB + 250, TB + 250, TB + 700, TB + 700, d, e, TB + 1000]
+    # The kept copy and the speech after it stay separate segments, the copies' timestamps gone.
+    assert segments_from_tokens(cut, TB, 20.0) == [
+        (0.0, 5.0, [TB, a, b, c, TB + 250]),
+        (14.0, 20.0, [TB + 700, d, e, TB + 1000]),
+    ]
+
+
+def test_the_tripled_sentence_of_a_subtitle_job_is_cut_to_one_on_whispers_tokens():
+    """The loop a CI run of the 10-minute subtitle test got from Whisper base on an LJSpeech sentence."""
+    import tokenizers
+    from faster_whisper.tokenizer import Tokenizer
+    from faster_whisper.transcribe import get_compression_ratio
+
+    from services.common.models import resolve_whisper
+
+    hf = tokenizers.Tokenizer.from_file(f"{resolve_whisper('base')}/tokenizer.json")
+    tokenizer = Tokenizer(hf, True, task="transcribe", language="en")
+    said = (
+        " The Middle Ages brought calligraphy to perfection, and it was natural therefore that the forms of"
+        " printed letters should follow more or less closely those of the written character, and they"
+        " followed them very closely."
+    )
+    after = " The first books were printed in black letter."
+    ts = tokenizer.timestamp_begin
+    tokens = [ts, *tokenizer.encode(said), ts + 400, ts + 400, *tokenizer.encode(said), ts + 700, ts + 700]
+    tokens += [*tokenizer.encode(said), ts + 800, ts + 800, *tokenizer.encode(after), ts + 1100]
+    looped = tokenizer.decode([t for t in tokens if t < tokenizer.eot])
+    assert get_compression_ratio(looped) > 2.4  # what sends a window through the cut
+    cut = cut_repetition_loops(tokens, tokenizer.eot)
+    assert tokenizer.decode([t for t in cut if t < tokenizer.eot]) == said + after
+    assert [(start, end) for start, end, _ in segments_from_tokens(cut, ts, 24.0)] == [
+        (0.0, 8.0),
+        (16.0, 22.0),
+    ]
+    # The engine cuts only a decode that still fails the compression-ratio gate after the fallback.
+    engine = object.__new__(WhisperEngine)  # the rule needs the gates, not the model
+    engine.gates = HallucinationGates()
+    decoded = _Decoded(tokens, looped.strip(), -0.2, 0.01, get_compression_ratio(looped.strip()))
+    kept = engine._without_loops(decoded, tokenizer)
+    assert (kept.tokens, kept.text) == (cut, (said + after).strip())
+    assert kept.compression_ratio < 2.4
+    once = engine._without_loops(kept, tokenizer)
+    assert once is kept
+
+
+def test_short_repeats_of_natural_speech_are_not_loops():
+    that, was, good, very, comma = 100, 101, 102, 103, 104
+    for tokens in (
+        [TB, that, that, was, good, TB + 100],  # "that that was good"
+        [TB, very, comma, very, good, TB + 100],  # "very, very good"
+        [TB, was, good, was, good, TB + 100],  # a two-token phrase said twice: 2 repeated tokens
+        [TB, 100, 101, 102, 103, 104, 105, TB + 300],
+    ):
+        assert cut_repetition_loops(tokens, EOT) == tokens
+    # One word over and over is a loop once four copies are repeated.
+    assert cut_repetition_loops([TB, that, that, that, that, that, was, TB + 100], EOT) == [
+        TB,
+        that,
+        was,
+        TB + 100,
+    ]
+
+
+@given(st.lists(st.integers(100, 104), max_size=40), st.integers(1, 6))
+def test_cutting_loops_only_removes_whole_copies(tokens, min_cut):
+    cut = cut_repetition_loops(tokens, EOT, min_cut)
+    rest = iter(tokens)
+    assert all(token in rest for token in cut)  # a subsequence of the decode
+    assert len(cut) == len(tokens) or len(tokens) - len(cut) >= min_cut
 
 
 def window(spans_s, window_s=10.0):
