@@ -17,13 +17,15 @@ import sacrebleu
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
+from services.common.text import primary_language
+
 _ENGLISH = EnglishTextNormalizer()
 _BASIC = BasicTextNormalizer()
 
 
 def normalize(text: str, language: str) -> str:
     """Whisper's normaliser for ``language`` (ISO 639-1): English rules for "en", basic rules otherwise."""
-    return (_ENGLISH if language.split("-")[0] == "en" else _BASIC)(text).strip()
+    return (_ENGLISH if primary_language(language) == "en" else _BASIC)(text).strip()
 
 
 def wer(references: Sequence[str], hypotheses: Sequence[str], language: str) -> float:

@@ -1,4 +1,4 @@
-"""Text helpers shared by the stages: sentence splitting, repetition loops."""
+"""Text helpers shared by the stages: language tags, sentence splitting, repetition loops."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ _ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st vs e.g i.e cf fig approx dept inc ltd".split()
     + "mme mlle mm av bd p.ex cie sn bkz".split()
 )
+
+
+def primary_language(tag: str) -> str:
+    """Primary subtag of a BCP-47 tag, lower case: "en-US" -> "en", "pt_BR" -> "pt"."""
+    return tag.replace("_", "-").split("-")[0].lower()
 
 
 def _is_abbreviation(before: str) -> bool:

@@ -42,6 +42,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.resilience import Deadline
+from services.common.text import primary_language
 from services.gateway import subtitles as subs
 
 logger = logging.getLogger(__name__)
@@ -132,10 +133,6 @@ def _stage_error(stage: str, exc: BaseException) -> ParleyError:
             return ResourceExhausted(f"{stage} is overloaded: {details}")
         return Unavailable(f"{stage} failed with {code.name}: {details}")
     return Unavailable(f"{stage} failed: {type(exc).__name__}: {exc}")
-
-
-def _base(language: str) -> str:
-    return language.split("-")[0].lower()
 
 
 def make_chunks(segments: Sequence[tuple[int, int]], max_chunk_ms: int, max_pause_ms: int) -> list[Chunk]:
@@ -362,7 +359,7 @@ class FileTranslator:
             done_s += sum(c.duration_ms for c in group) / 1000
             report("stt", done_s)
         timings["stt_ms"] = (time.perf_counter() - stt_started) * 1000
-        language = _base(language) if language else ""
+        language = primary_language(language) if language else ""
 
         rules = settings.rules
         raw_cues: list[subs.Cue] = []
@@ -378,7 +375,7 @@ class FileTranslator:
             dropped=[s for c in chunks for s in c.dropped],
         )
 
-        target = target_language if target_language and _base(target_language) != language else ""
+        target = target_language if target_language and primary_language(target_language) != language else ""
         target_cues: list[subs.Cue] = []
         target_quality = None
         model = ""

@@ -41,6 +41,7 @@ from services.common.audio import PcmStream, float_to_pcm16
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.resilience import BreakerOpen, BreakerState, Deadline, error_code
 from services.common.telemetry import tracer
+from services.common.text import primary_language
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import Downstream
 
@@ -126,10 +127,6 @@ class Utterance:
     last_interim: str = ""
 
 
-def _base(language: str) -> str:
-    return language.split("-")[0].lower()
-
-
 def plan_mode(request: gateway_pb2.TranslateSpeechConfig, direct_to_english: bool) -> int:
     """Resolves the translation mode for a stream.
 
@@ -139,7 +136,7 @@ def plan_mode(request: gateway_pb2.TranslateSpeechConfig, direct_to_english: boo
     Raises:
         InvalidArgument: DIRECT asked for a target other than English.
     """
-    target = _base(request.target_language)
+    target = primary_language(request.target_language)
     if request.mode == gateway_pb2.DIRECT:
         if target != "en":
             raise InvalidArgument(
@@ -148,7 +145,7 @@ def plan_mode(request: gateway_pb2.TranslateSpeechConfig, direct_to_english: boo
         return gateway_pb2.DIRECT
     if request.mode == gateway_pb2.CASCADE:
         return gateway_pb2.CASCADE
-    source = _base(request.source_language)
+    source = primary_language(request.source_language)
     if direct_to_english and target == "en" and source != "en":
         return gateway_pb2.DIRECT
     return gateway_pb2.CASCADE
@@ -526,7 +523,7 @@ class StreamSession:
             self._error(utterance, "stt", transcript)
             return
         utterance.text = transcript.text.strip()
-        utterance.language = transcript.language or _base(self.request.source_language)
+        utterance.language = transcript.language or primary_language(self.request.source_language)
         utterance.final_sent = True
         utterance.timings.end_of_speech_to_transcript_ms = self._since_end_ms(utterance)
         self._emit(
@@ -583,7 +580,7 @@ class StreamSession:
         if not utterance.text or not self.target:
             return
         if utterance.translation is None:
-            if _base(utterance.language) == _base(self.target):
+            if primary_language(utterance.language) == primary_language(self.target):
                 utterance.translation = utterance.text
             else:
                 started_s = self.clock.monotonic()

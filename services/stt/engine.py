@@ -49,10 +49,10 @@ from services.common.devices import check_device
 from services.common.errors import InvalidArgument
 from services.common.models import resolve_whisper, silero_vad_path
 from services.common.resilience import Deadline
-from services.common.text import tandem_repeats
+from services.common.text import primary_language, tandem_repeats
 from services.stt.config import SttConfig
 from services.stt.endpointing import SileroSession, StreamingSilero
-from services.stt.filters import HallucinationGates, split_hallucinations
+from services.stt.filters import HallucinationGates, normalize_text, split_hallucinations
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def whisper_language(
             f"language {tag!r} is not a BCP-47 tag: send a code such as 'en', 'fr' or 'fr-FR', or leave it "
             "empty to detect the language"
         )
-    primary = tag.replace("_", "-").split("-")[0].lower()
+    primary = primary_language(tag)
     primary = _LANGUAGE_ALIASES.get(primary, primary)
     if primary in supported:
         return primary
@@ -319,30 +319,41 @@ def segments_from_tokens(
     return segments
 
 
-def cut_repetition_loops(tokens: Sequence[int], text_token_limit: int, min_cut_tokens: int = 4) -> list[int]:
-    """Cuts Whisper's repetition loops from decoded tokens: text said again right after itself is kept once.
+def cut_repetition_loops(tokens: Sequence[int], tokenizer: Tokenizer, min_cut_words: int = 3) -> list[int]:
+    """Cuts Whisper's repetition loops from decoded tokens: words said again at once are kept once.
 
-    A unit of ``n`` text tokens followed at once by ``r - 1`` copies of itself loses the copies when they
-    hold at least ``min_cut_tokens`` tokens ("that that" stays; a sentence said three times over becomes
-    one). Timestamp and special tokens (``>= text_token_limit``) are skipped when comparing; those inside a
-    cut stretch go with it, so the kept copy's words are aligned over the audio all copies were given.
-    Runs are found by :func:`services.common.text.tandem_repeats`.
+    Words are compared after :func:`services.stt.filters.normalize_text` (case and punctuation ignored, so
+    "character and they" repeats "character, and they"); punctuation-only words are skipped. A unit of
+    ``n`` words followed at once by ``copies - 1`` copies of itself loses the copies when they hold at least
+    ``min_cut_words`` words ("very, very" stays; a sentence said twice over becomes one). Timestamp tokens
+    inside a cut stretch go with it, so the kept copy's words are aligned over the audio all copies were
+    given. Runs are found by :func:`services.common.text.tandem_repeats`.
 
     Args:
         tokens: One decode's token ids, timestamps included.
-        text_token_limit: The first id that is not text (the tokenizer's ``eot``: timestamps come after it).
-        min_cut_tokens: Fewest repeated tokens that make a loop.
+        tokenizer: The decode's tokenizer (text tokens are those below its ``eot``).
+        min_cut_words: Fewest repeated words that make a loop.
 
     Returns:
         The tokens with each loop's copies removed (the same list contents when there is no loop).
     """
-    positions = [k for k, token in enumerate(tokens) if token < text_token_limit]
-    text = [tokens[k] for k in positions]
-    runs = tandem_repeats(text, lambda n, copies: n * (copies - 1) >= min_cut_tokens)
-    cut = [(positions[i + n], positions[i + copies * n - 1]) for i, n, copies in runs]
-    if not cut:
-        return list(tokens)
-    removed = {k for first, last in cut for k in range(first, last + 1)}
+    positions = [k for k, token in enumerate(tokens) if token < tokenizer.eot]
+    words, word_tokens = tokenizer.split_to_word_tokens([tokens[k] for k in positions])
+    ends = []  # index in ``positions`` of the last token of each word that has letters or digits
+    keys = []
+    at = 0
+    for word, pieces in zip(words, word_tokens, strict=True):
+        at += len(pieces)
+        if key := normalize_text(word):
+            ends.append(at - 1)
+            keys.append(key)
+    runs = tandem_repeats(keys, lambda n, copies: n * (copies - 1) >= min_cut_words)
+    # From after the unit's last word to the last copy's last word: the punctuation after the loop stays.
+    removed = {
+        k
+        for i, n, copies in runs
+        for k in range(positions[ends[i + n - 1]] + 1, positions[ends[i + copies * n - 1]] + 1)
+    }
     return [token for k, token in enumerate(tokens) if k not in removed]
 
 
@@ -690,7 +701,7 @@ class WhisperEngine:
         """
         if d.compression_ratio <= self.gates.compression_ratio_threshold:
             return d
-        tokens = cut_repetition_loops(d.tokens, tokenizer.eot)
+        tokens = cut_repetition_loops(d.tokens, tokenizer)
         if len(tokens) == len(d.tokens):
             return d
         text = tokenizer.decode([t for t in tokens if t < tokenizer.eot]).strip()

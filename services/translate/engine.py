@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from services.common.errors import InvalidArgument, ParleyError
 from services.common.resilience import Deadline
-from services.common.text import split_sentences
+from services.common.text import primary_language, split_sentences
 from services.translate.config import Backend, LlmTransport, TranslateConfig
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class TranslationEngine:
             raise ParleyError(
                 f"backend returned {len(translated)} translations for {len(job.sentences)} sentences"
             )
-        joiner = "" if job.target.split("-")[0].lower() in _NO_SPACE_TARGETS else " "
+        joiner = "" if primary_language(job.target) in _NO_SPACE_TARGETS else " "
         results = []
         position = 0
         for lines in job.layout:

@@ -40,7 +40,7 @@ import numpy as np
 from services.common.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, float_to_pcm16, resample
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.inference import BatchedPool
-from services.common.text import split_sentences
+from services.common.text import primary_language, split_sentences
 from services.tts.cache import ByteLruCache
 from services.tts.config import BUNDLED_PIPER_VOICE, TtsConfig
 
@@ -67,11 +67,6 @@ def normalize_language(tag: str) -> str:
         raise InvalidArgument(f"language {tag!r} is not a BCP-47 tag such as 'en', 'fr' or 'en-US'")
     parts = tag.replace("_", "-").split("-")
     return "-".join([parts[0].lower()] + [p.upper() if len(p) == 2 else p.lower() for p in parts[1:]])
-
-
-def primary_language(tag: str) -> str:
-    """Primary subtag of a BCP-47 tag, lower case: "en-US" -> "en"."""
-    return tag.replace("_", "-").split("-")[0].lower()
 
 
 @dataclass(frozen=True)
