@@ -121,12 +121,13 @@ async def start_stt_call(channel: grpc.aio.Channel) -> Awaitable[None]:
 
 
 async def start_translate_call(channel: grpc.aio.Channel) -> Awaitable[None]:
-    """A Translate call of 24 sentences on the default llm backend (several seconds of work), under way.
+    """A Translate call of 48 sentences on the default llm backend (several seconds of work), under way.
 
-    It must outlast SIGTERM + the drain delay + 0.5 s even when llama.cpp reuses its prompt cache
-    (about 0.3 s a sentence), or the server rightly exits before the test finishes the call.
+    It must outlast SIGTERM + the drain delay + 0.5 s, or the server rightly exits before the test finishes
+    the call: the server decodes one sentence at a time (``--max-batch-size 1``: 3.9 s for 24 sentences
+    here, 1.7 s batched, which once ended before the drain delay was over).
     """
-    texts = 3 * [
+    texts = 6 * [
         "Where is the station?",
         "I would like a ticket to Paris, please.",
         "The train leaves at eight o'clock.",
@@ -175,7 +176,12 @@ async def start_tts_call(channel: grpc.aio.Channel) -> Awaitable[None]:
 CASES = [
     StageCase("vad", "parley.vad.v1.VoiceActivityDetection", start_vad_call),
     StageCase("stt", "parley.stt.v1.SpeechToText", start_stt_call),
-    StageCase("translate", "parley.translate.v1.Translation", start_translate_call, ("--grace-s", "60")),
+    StageCase(
+        "translate",
+        "parley.translate.v1.Translation",
+        start_translate_call,
+        ("--grace-s", "60", "--max-batch-size", "1"),
+    ),
     StageCase(
         "tts",
         "parley.tts.v1.SpeechSynthesis",
