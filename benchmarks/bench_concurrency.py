@@ -19,7 +19,8 @@ Stages:
   together (one forward pass per step for all of them, the few-shot prefix evaluated once) against
   ``--max-batch-size 1``; one real sentence per request. Concurrency 1, 4, 16 (64 is left out to keep
   the run short: 2.4-3.4 requests/s were measured at 16). Goal: at 16, at least 3x the throughput of
-  batch size 1.
+  batch size 1. The engine's own ceiling is printed beside it: the same sentences translated in-process
+  one at a time and 16 at a time (full batches, no server).
 * stt, Whisper base int8: one Transcribe of a real LJ Speech clip per request (adaptive windows);
   concurrency 1, 4, 16, 64; throughput in audio seconds per second.
 * tts, Piper (en_US voice): one Synthesize of a Tatoeba or FLORES sentence per request, the audio cache
@@ -308,6 +309,36 @@ async def _llm_stage() -> None:
     )
     on16, off16 = results[16]
     print(f"goal llm c=16 >= 3x bs=1 throughput: reached {on16.throughput / off16.throughput:.2f}x")
+    sequential_s, batched_s = _llm_engine_ceiling(_sentences(32), 16)
+    print(
+        f"ceiling, the llm engine alone (no server), 32 sentences: one at a time {sequential_s:.2f} s, "
+        f"16 decoded together {batched_s:.2f} s = {sequential_s / batched_s:.2f}x"
+    )
+
+
+def _llm_engine_ceiling(sentences: list[str], batch_size: int) -> tuple[float, float]:
+    """Seconds to translate ``sentences`` in-process one at a time, then ``batch_size`` at a time.
+
+    What batching can gain on this machine at best: every batch full, no queueing, no RPC.
+    """
+    from services.common.resilience import Deadline
+    from services.translate.config import Backend, TranslateConfig
+    from services.translate.llm import EmbeddedLlamaBackend
+
+    backend = EmbeddedLlamaBackend.from_config(
+        TranslateConfig(backend=Backend.LLM, llm_languages=("en", "fr"), max_batch_size=batch_size)
+    )
+    try:
+        pair = backend.resolve("en", "fr")
+        timings = []
+        for size in (1, batch_size):
+            started = time.perf_counter()
+            for k in range(0, len(sentences), size):
+                backend.translate_sentences(sentences[k : k + size], pair, Deadline(None))
+            timings.append(time.perf_counter() - started)
+        return timings[0], timings[1]
+    finally:
+        backend.close()
 
 
 async def _main() -> None:
