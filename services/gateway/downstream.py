@@ -41,6 +41,46 @@ def channel_options(config: GatewayConfig) -> list[tuple[str, Any]]:
     ]
 
 
+def stage_guards(
+    config: GatewayConfig,
+    clock: Clock,
+    *,
+    rng: random.Random | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> dict[str, Guard]:
+    """One :class:`Guard` per stage (its own breaker and retry budget) under the gateway's policy.
+
+    Args:
+        config: Per-stage timeouts (VAD: none), retry policy and budget, breaker settings, deadline margin.
+        clock: Monotonic clock of the breakers.
+        rng: Random source for retry jitter.
+        sleep: Awaitable sleep for retry backoff.
+    """
+    policy = RetryPolicy(
+        max_attempts=config.retry_max_attempts,
+        initial_backoff_s=config.retry_initial_backoff_ms / 1000,
+        max_backoff_s=config.retry_max_backoff_ms / 1000,
+    )
+    timeouts = {
+        "vad": None,
+        "stt": config.stt_timeout_s,
+        "translate": config.translate_timeout_s,
+        "tts": config.tts_timeout_s,
+    }
+    return {
+        stage: Guard(
+            CircuitBreaker(stage, config.breaker_failure_threshold, config.breaker_reset_timeout_s, clock),
+            RetryBudget(config.retry_budget_ratio),
+            policy,
+            stage_timeout_s=timeouts[stage],
+            margin_s=config.deadline_margin_ms / 1000,
+            rng=rng,
+            sleep=sleep,
+        )
+        for stage in STAGES
+    }
+
+
 class Downstream:
     """Stubs for the four stages with one :class:`Guard` (breaker, retry budget, timeout) per stage.
 
@@ -78,31 +118,7 @@ class Downstream:
         self.stt = stt_pb2_grpc.SpeechToTextStub(self.channels["stt"])
         self.translation = translate_pb2_grpc.TranslationStub(self.channels["translate"])
         self.tts = tts_pb2_grpc.SpeechSynthesisStub(self.channels["tts"])
-        policy = RetryPolicy(
-            max_attempts=config.retry_max_attempts,
-            initial_backoff_s=config.retry_initial_backoff_ms / 1000,
-            max_backoff_s=config.retry_max_backoff_ms / 1000,
-        )
-        timeouts = {
-            "vad": None,
-            "stt": config.stt_timeout_s,
-            "translate": config.translate_timeout_s,
-            "tts": config.tts_timeout_s,
-        }
-        self.guards = {
-            stage: Guard(
-                CircuitBreaker(
-                    stage, config.breaker_failure_threshold, config.breaker_reset_timeout_s, self.clock
-                ),
-                RetryBudget(config.retry_budget_ratio),
-                policy,
-                stage_timeout_s=timeouts[stage],
-                margin_s=config.deadline_margin_ms / 1000,
-                rng=rng,
-                sleep=sleep,
-            )
-            for stage in STAGES
-        }
+        self.guards = stage_guards(config, self.clock, rng=rng, sleep=sleep)
 
     async def transcribe(
         self, request: stt_pb2.TranscribeRequest, deadline: Deadline

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +41,11 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.common.resilience import Deadline
+from services.common.resilience import Deadline, Guard, SystemClock
 from services.common.text import primary_language
 from services.gateway import subtitles as subs
+from services.gateway.config import GatewayConfig
+from services.gateway.downstream import stage_guards
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +65,6 @@ class FileJobSettings:
         translate_batch_chars: Most characters per Translate call.
         vad_window_s: Audio per VAD Detect call, in seconds.
         max_audio_s: Longest recording accepted, in seconds.
-        stage_timeout_s: Per-call timeout of each stage call, in seconds (the caller's deadline also applies).
-        margin_s: Kept back from the caller's remaining deadline on each call, in seconds.
         rules: Subtitle layout rules.
     """
 
@@ -75,8 +75,6 @@ class FileJobSettings:
     translate_batch_chars: int = 6000
     vad_window_s: float = 600.0
     max_audio_s: float = 4 * 3600.0
-    stage_timeout_s: float = 600.0
-    margin_s: float = 0.05
     rules: subs.LayoutRules = field(default_factory=subs.LayoutRules)
 
 
@@ -180,20 +178,34 @@ class FileTranslator:
         stt: ``SpeechToTextStub`` (its ``Transcribe``).
         translation: ``TranslationStub`` (its ``Translate``).
         settings: Batch-path settings.
+        guards: Per-stage timeout, retries and circuit breaker
+            (:func:`services.gateway.downstream.stage_guards`); the gateway passes its own, so live streams
+            and file jobs share each stage's breaker. Default: new guards under the gateway's default policy.
     """
 
-    def __init__(self, vad: Any, stt: Any, translation: Any, settings: FileJobSettings | None = None):
+    def __init__(
+        self,
+        vad: Any,
+        stt: Any,
+        translation: Any,
+        settings: FileJobSettings | None = None,
+        *,
+        guards: Mapping[str, Guard] | None = None,
+    ):
         self.vad = vad
         self.stt = stt
         self.translation = translation
         self.settings = settings or FileJobSettings()
+        self.guards = guards or stage_guards(GatewayConfig(), SystemClock())
 
     async def _call(
         self, stage: str, fn: Callable[..., Awaitable[Any]], request: Any, deadline: Deadline
     ) -> Any:
+        """One stage call through the stage's guard (every call of the batch path is idempotent)."""
         try:
-            timeout_s = deadline.timeout_for(self.settings.stage_timeout_s, self.settings.margin_s)
-            return await fn(request, timeout=timeout_s)
+            return await self.guards[stage].call(
+                lambda timeout_s: fn(request, timeout=timeout_s), deadline, idempotent=True
+            )
         except Exception as exc:
             raise _stage_error(stage, exc) from exc
 

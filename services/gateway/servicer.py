@@ -34,7 +34,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.config = config
         self.downstream = downstream
         self.active = 0
-        self.files = FileTranslator(downstream.vad, downstream.stt, downstream.translation)
+        self.files = FileTranslator(
+            downstream.vad, downstream.stt, downstream.translation, guards=downstream.guards
+        )
 
     async def TranslateSpeech(
         self,

@@ -14,7 +14,9 @@ from parley.stt.v1 import stt_pb2
 from parley.translate.v1 import translate_pb2
 from parley.vad.v1 import vad_pb2
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.resilience import Deadline
+from services.common.resilience import BreakerState, Deadline, SystemClock
+from services.gateway.config import GatewayConfig
+from services.gateway.downstream import stage_guards
 from services.gateway.file_job import FileJobSettings, FileTranslator
 
 RATE_HZ = 16000
@@ -150,6 +152,45 @@ async def test_stage_rpc_error_keeps_invalid_argument():
 
     with pytest.raises(InvalidArgument, match="stt: unknown language"):
         await FileTranslator(FakeVad(), BadStt(), FakeTranslation()).run(audio(), source_language="xx")
+
+
+def unavailable() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "connection refused"
+    )
+
+
+async def test_a_stage_restarting_mid_job_is_retried_and_a_dead_one_opens_its_breaker():
+    class RestartingStt(FakeStt):
+        """UNAVAILABLE on its first call (a restart), then serves."""
+
+        async def Transcribe(self, request, timeout=None):  # noqa: N802 - generated gRPC method name
+            if not self.languages:
+                self.languages.append("down")
+                raise unavailable()
+            return await super().Transcribe(request, timeout)
+
+    stt = RestartingStt()
+    result = await FileTranslator(FakeVad(), stt, FakeTranslation()).run(audio(), source_language="fr")
+    assert stt.languages == ["down", "fr", "fr"]  # the failed chunk sent again, then the other one
+    assert result.source_cues
+
+    class DeadStt:
+        calls = 0
+
+        async def Transcribe(self, request, timeout=None):  # noqa: N802 - generated gRPC method name
+            DeadStt.calls += 1
+            raise unavailable()
+
+    guards = stage_guards(GatewayConfig(retry_max_attempts=2, breaker_failure_threshold=2), SystemClock())
+    job = FileTranslator(FakeVad(), DeadStt(), FakeTranslation(), guards=guards)
+    with pytest.raises(Unavailable, match="^stt"):
+        await job.run(audio(), source_language="fr")
+    assert guards["stt"].breaker.state is BreakerState.OPEN
+    calls = DeadStt.calls
+    with pytest.raises(Unavailable, match="breaker"):
+        await job.run(audio(), source_language="fr")
+    assert DeadStt.calls == calls  # refused at once: the stage is given time to come back
 
 
 async def test_silence_gives_empty_tracks_without_stt_calls():
