@@ -34,7 +34,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -607,17 +607,19 @@ def _timestamp(ms: int, separator: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{seconds:02d}{separator}{millis:03d}"
 
 
-def _display_lines(cue: Cue, extra: Cue | None) -> list[str]:
-    lines = [line for line in cue.lines if line.strip()]
-    if extra is not None:
-        lines += [line for line in extra.lines if line.strip()]
-    return lines
-
-
-def _pair(cues: Sequence[Cue], second: Sequence[Cue] | None) -> list[tuple[Cue, Cue | None]]:
-    if second is None:
-        return [(c, None) for c in cues]
-    return list(zip(cues, second, strict=True))
+def _numbered_blocks(
+    cues: Sequence[Cue], second: Sequence[Cue] | None, separator: str, escape: Callable[[str], str]
+) -> list[str]:
+    """The cue blocks SRT and WebVTT share: number, ``start --> end``, the lines (``second``'s under them)."""
+    pairs = list(zip(cues, second, strict=True)) if second is not None else [(c, None) for c in cues]
+    blocks: list[str] = []
+    for cue, extra in pairs:
+        lines = [line for c in (cue, extra) if c is not None for line in c.lines if line.strip()]
+        if not lines:
+            continue
+        stamp = f"{_timestamp(cue.start_ms, separator)} --> {_timestamp(cue.end_ms, separator)}"
+        blocks.append("\n".join([str(len(blocks) + 1), stamp, *(escape(line) for line in lines)]) + "\n")
+    return blocks
 
 
 def to_srt(cues: Sequence[Cue], second: Sequence[Cue] | None = None) -> str:
@@ -627,14 +629,7 @@ def to_srt(cues: Sequence[Cue], second: Sequence[Cue] | None = None) -> str:
         cues: Cues in time order; cues without text are left out.
         second: For bilingual files, one cue per cue of ``cues`` whose lines go under them.
     """
-    blocks: list[str] = []
-    for cue, extra in _pair(cues, second):
-        lines = _display_lines(cue, extra)
-        if not lines:
-            continue
-        stamp = f"{_timestamp(cue.start_ms, ',')} --> {_timestamp(cue.end_ms, ',')}"
-        blocks.append("\n".join([str(len(blocks) + 1), stamp, *lines]) + "\n")
-    return "\n".join(blocks)
+    return "\n".join(_numbered_blocks(cues, second, ",", lambda line: line))
 
 
 def _vtt_escape(line: str) -> str:
@@ -650,16 +645,7 @@ def to_vtt(cues: Sequence[Cue], second: Sequence[Cue] | None = None) -> str:
         cues: Cues in time order; cues without text are left out.
         second: For bilingual files, one cue per cue of ``cues`` whose lines go under them.
     """
-    blocks = ["WEBVTT\n"]
-    n = 0
-    for cue, extra in _pair(cues, second):
-        lines = _display_lines(cue, extra)
-        if not lines:
-            continue
-        n += 1
-        stamp = f"{_timestamp(cue.start_ms, '.')} --> {_timestamp(cue.end_ms, '.')}"
-        blocks.append("\n".join([str(n), stamp, *(_vtt_escape(line) for line in lines)]) + "\n")
-    return "\n".join(blocks)
+    return "\n".join(["WEBVTT\n", *_numbered_blocks(cues, second, ".", _vtt_escape)])
 
 
 # -- quality report -----------------------------------------------------------------------------------------
