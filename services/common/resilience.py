@@ -346,6 +346,7 @@ class Guard:
         deadline: Deadline,
         *,
         idempotent: bool,
+        timeout_cap_s: float | None = None,
     ) -> R:
         """Calls ``fn(timeout_s)`` through the breaker, retrying idempotent calls on UNAVAILABLE.
 
@@ -353,6 +354,8 @@ class Guard:
             fn: Makes one attempt with the given per-attempt timeout (seconds, or ``None``).
             deadline: The caller's deadline; no attempt starts, and no backoff ends, past it.
             idempotent: Whether the call may be repeated safely.
+            timeout_cap_s: Per-attempt cap for this call instead of the stage's own timeout, in seconds
+                (a batch job's longer calls); None keeps the stage's.
 
         Returns:
             The first successful attempt's result.
@@ -365,7 +368,7 @@ class Guard:
         self.budget.deposit()
         retry = 0
         while True:
-            timeout_s = deadline.timeout_for(self.stage_timeout_s, self.margin_s)
+            timeout_s = deadline.timeout_for(timeout_cap_s or self.stage_timeout_s, self.margin_s)
             self.breaker.acquire()
             started_s = self.breaker.clock.monotonic()
             try:

@@ -84,7 +84,7 @@ def tandem_repeats(
     (punctuation, say) never loops.
 
     Args:
-        keys: Comparable keys (normalised words, token ids); ``None`` for one that carries no text.
+        keys: Comparable keys (normalised words); ``None`` for one that carries no text.
         is_loop: Whether ``copies`` (>= 2) consecutive occurrences of a unit of ``unit_length`` keys are a
             loop.
         max_unit: Longest unit; ``None`` for half of what remains.

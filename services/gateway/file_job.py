@@ -65,6 +65,8 @@ class FileJobSettings:
         translate_batch_chars: Most characters per Translate call.
         vad_window_s: Audio per VAD Detect call, in seconds.
         max_audio_s: Longest recording accepted, in seconds.
+        stage_timeout_s: Per-attempt timeout of each stage call, in seconds, instead of the live path's
+            (a Translate call carries up to ``translate_batch_chars``); the caller's deadline also applies.
         rules: Subtitle layout rules.
     """
 
@@ -75,6 +77,7 @@ class FileJobSettings:
     translate_batch_chars: int = 6000
     vad_window_s: float = 600.0
     max_audio_s: float = 4 * 3600.0
+    stage_timeout_s: float = 600.0
     rules: subs.LayoutRules = field(default_factory=subs.LayoutRules)
 
 
@@ -204,7 +207,10 @@ class FileTranslator:
         """One stage call through the stage's guard (every call of the batch path is idempotent)."""
         try:
             return await self.guards[stage].call(
-                lambda timeout_s: fn(request, timeout=timeout_s), deadline, idempotent=True
+                lambda timeout_s: fn(request, timeout=timeout_s),
+                deadline,
+                idempotent=True,
+                timeout_cap_s=self.settings.stage_timeout_s,
             )
         except Exception as exc:
             raise _stage_error(stage, exc) from exc

@@ -225,3 +225,13 @@ async def test_callers_short_deadline_does_not_count_against_the_stage():
     with pytest.raises(grpc.aio.AioRpcError):
         await guard.call(attempt, Deadline.after(1.0, clock), idempotent=True)
     assert guard.breaker.state is BreakerState.CLOSED
+
+
+async def test_a_call_may_cap_its_attempts_at_its_own_timeout_instead_of_the_stages():
+    clock = FakeClock()
+    guard, _ = make_guard(clock, stage_timeout_s=5.0, margin_s=0.05)
+    attempt, calls = scripted("live", "batch job", "batch job near its deadline")
+    await guard.call(attempt, Deadline(None, clock), idempotent=True)
+    await guard.call(attempt, Deadline(None, clock), idempotent=True, timeout_cap_s=600.0)
+    await guard.call(attempt, Deadline.after(30.0, clock), idempotent=True, timeout_cap_s=600.0)
+    assert calls == [5.0, 600.0, pytest.approx(29.95)]  # the caller's deadline still bounds it
