@@ -317,21 +317,29 @@ class Guard:
         """The stage's name."""
         return self.breaker.name
 
-    def record(self, exc: BaseException | None, timeout_s: float | None, started_s: float) -> None:
+    def record(
+        self,
+        exc: BaseException | None,
+        timeout_s: float | None,
+        started_s: float,
+        stage_timeout_s: float | None = None,
+    ) -> None:
         """Reports a call's outcome to the breaker.
 
-        A DEADLINE_EXCEEDED counts against the stage only when the stage's own timeout (not the caller's
-        shorter deadline) was the limit that expired.
+        A DEADLINE_EXCEEDED counts against the stage only when the stage's timeout (not the caller's
+        shorter deadline) was the limit that expired: the call's own ``stage_timeout_s`` when it had one,
+        else the guard's.
         """
         if exc is None:
             self.breaker.record_success()
             return
         code = error_code(exc)
+        limit_s = stage_timeout_s or self.stage_timeout_s
         stage_limited = (
-            self.stage_timeout_s is not None
+            limit_s is not None
             and timeout_s is not None
-            and timeout_s >= self.stage_timeout_s - 1e-6
-            and self.breaker.clock.monotonic() - started_s >= self.stage_timeout_s * 0.99
+            and timeout_s >= limit_s - 1e-6
+            and self.breaker.clock.monotonic() - started_s >= limit_s * 0.99
         )
         if code in BREAKER_FAILURE_CODES or (code is grpc.StatusCode.DEADLINE_EXCEEDED and stage_limited):
             self.breaker.record_failure()
@@ -346,7 +354,7 @@ class Guard:
         deadline: Deadline,
         *,
         idempotent: bool,
-        timeout_cap_s: float | None = None,
+        stage_timeout_s: float | None = None,
     ) -> R:
         """Calls ``fn(timeout_s)`` through the breaker, retrying idempotent calls on UNAVAILABLE.
 
@@ -354,8 +362,8 @@ class Guard:
             fn: Makes one attempt with the given per-attempt timeout (seconds, or ``None``).
             deadline: The caller's deadline; no attempt starts, and no backoff ends, past it.
             idempotent: Whether the call may be repeated safely.
-            timeout_cap_s: Per-attempt cap for this call instead of the stage's own timeout, in seconds
-                (a batch job's longer calls); None keeps the stage's.
+            stage_timeout_s: This call's per-attempt timeout instead of the guard's, in seconds (a batch
+                job's longer calls); None keeps the guard's. The breaker judges a DEADLINE_EXCEEDED by it.
 
         Returns:
             The first successful attempt's result.
@@ -368,7 +376,8 @@ class Guard:
         self.budget.deposit()
         retry = 0
         while True:
-            timeout_s = deadline.timeout_for(timeout_cap_s or self.stage_timeout_s, self.margin_s)
+            limit_s = stage_timeout_s or self.stage_timeout_s
+            timeout_s = deadline.timeout_for(limit_s, self.margin_s)
             self.breaker.acquire()
             started_s = self.breaker.clock.monotonic()
             try:
@@ -377,7 +386,7 @@ class Guard:
                 self.breaker.release()
                 raise
             except Exception as exc:
-                self.record(exc, timeout_s, started_s)
+                self.record(exc, timeout_s, started_s, limit_s)
                 if not idempotent or error_code(exc) is not grpc.StatusCode.UNAVAILABLE:
                     raise
                 if retry + 1 >= self.policy.max_attempts:
@@ -397,5 +406,5 @@ class Guard:
                 )
                 await self.sleep(wait_s)
                 continue
-            self.record(None, timeout_s, started_s)
+            self.record(None, timeout_s, started_s, limit_s)
             return result

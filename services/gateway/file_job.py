@@ -210,7 +210,7 @@ class FileTranslator:
                 lambda timeout_s: fn(request, timeout=timeout_s),
                 deadline,
                 idempotent=True,
-                timeout_cap_s=self.settings.stage_timeout_s,
+                stage_timeout_s=self.settings.stage_timeout_s,
             )
         except Exception as exc:
             raise _stage_error(stage, exc) from exc

@@ -232,6 +232,19 @@ async def test_a_call_may_cap_its_attempts_at_its_own_timeout_instead_of_the_sta
     guard, _ = make_guard(clock, stage_timeout_s=5.0, margin_s=0.05)
     attempt, calls = scripted("live", "batch job", "batch job near its deadline")
     await guard.call(attempt, Deadline(None, clock), idempotent=True)
-    await guard.call(attempt, Deadline(None, clock), idempotent=True, timeout_cap_s=600.0)
-    await guard.call(attempt, Deadline.after(30.0, clock), idempotent=True, timeout_cap_s=600.0)
+    await guard.call(attempt, Deadline(None, clock), idempotent=True, stage_timeout_s=600.0)
+    await guard.call(attempt, Deadline.after(30.0, clock), idempotent=True, stage_timeout_s=600.0)
     assert calls == [5.0, 600.0, pytest.approx(29.95)]  # the caller's deadline still bounds it
+
+
+async def test_a_callers_deadline_under_a_longer_call_timeout_does_not_count_against_the_stage():
+    clock = FakeClock()
+    guard, _ = make_guard(clock, attempts=1, threshold=1, stage_timeout_s=5.0)
+
+    async def attempt(timeout_s):
+        clock.now += timeout_s  # runs until its timeout: the caller's 100 s, not the call's 600 s
+        raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    with pytest.raises(grpc.aio.AioRpcError):
+        await guard.call(attempt, Deadline.after(100.0, clock), idempotent=True, stage_timeout_s=600.0)
+    assert guard.breaker.state is BreakerState.CLOSED
