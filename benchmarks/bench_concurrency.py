@@ -52,6 +52,9 @@ from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
+from services.common.resilience import Deadline
+from services.translate.config import Backend, TranslateConfig
+from services.translate.llm import EmbeddedLlamaBackend
 from tests.fixtures.tiny_ct2 import build_tiny_model
 from tests.helpers import (
     SHARED_DATA,
@@ -321,10 +324,6 @@ def _llm_engine_ceiling(sentences: list[str], batch_size: int) -> tuple[float, f
 
     What batching can gain on this machine at best: every batch full, no queueing, no RPC.
     """
-    from services.common.resilience import Deadline
-    from services.translate.config import Backend, TranslateConfig
-    from services.translate.llm import EmbeddedLlamaBackend
-
     backend = EmbeddedLlamaBackend.from_config(
         TranslateConfig(backend=Backend.LLM, llm_languages=("en", "fr"), max_batch_size=batch_size)
     )
@@ -336,7 +335,8 @@ def _llm_engine_ceiling(sentences: list[str], batch_size: int) -> tuple[float, f
             for k in range(0, len(sentences), size):
                 backend.translate_sentences(sentences[k : k + size], pair, Deadline(None))
             timings.append(time.perf_counter() - started)
-        return timings[0], timings[1]
+        sequential_s, batched_s = timings
+        return sequential_s, batched_s
     finally:
         backend.close()
 

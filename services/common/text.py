@@ -96,8 +96,10 @@ def tandem_repeats(
     i = 0
     while i < len(keys):
         step = 1
-        longest = (len(keys) - i) // 2
-        for n in range(1, longest + 1 if max_unit is None else min(max_unit, longest) + 1):
+        longest = (len(keys) - i) // 2  # a unit and at least one copy fit in what remains
+        if max_unit is not None:
+            longest = min(longest, max_unit)
+        for n in range(1, longest + 1):
             unit = keys[i : i + n]
             if all(key is None for key in unit):
                 continue

@@ -389,6 +389,30 @@ class _Decoded:
     compression_ratio: float
 
 
+def _without_loops(d: _Decoded, tokenizer: Tokenizer, compression_ratio_threshold: float) -> _Decoded:
+    """``d`` with its repetition loops cut when its compression ratio is above the threshold.
+
+    A decode still failing Whisper's loop test after the fallback is a loop kept for want of better (seen
+    as a sentence tripled in a 10-minute subtitle job); below the threshold, repeats are real speech.
+    Text and compression ratio are redone after :func:`cut_repetition_loops`.
+    """
+    if d.compression_ratio <= compression_ratio_threshold:
+        return d
+    tokens = cut_repetition_loops(d.tokens, tokenizer)
+    if len(tokens) == len(d.tokens):
+        return d
+    text = tokenizer.decode([t for t in tokens if t < tokenizer.eot]).strip()
+    ratio = get_compression_ratio(text)
+    logger.info(
+        "cut a repetition loop: %d of %d tokens removed, compression ratio %.2f -> %.2f",
+        len(d.tokens) - len(tokens),
+        len(d.tokens),
+        d.compression_ratio,
+        ratio,
+    )
+    return replace(d, tokens=tokens, text=text, compression_ratio=ratio)
+
+
 class WhisperEngine:
     """A CTranslate2 Whisper model (loaded by faster-whisper) that decodes batches of windows.
 
@@ -568,7 +592,8 @@ class WhisperEngine:
         )
         if options.temperature_fallback:
             self._fall_back(decoded, features, prompts, tokenizers)
-        decoded = [self._without_loops(d, t) for d, t in zip(decoded, tokenizers, strict=True)]
+        threshold = self.gates.compression_ratio_threshold
+        decoded = [_without_loops(d, t, threshold) for d, t in zip(decoded, tokenizers, strict=True)]
         results = []
         splits = [
             segments_from_tokens(d.tokens, t.timestamp_begin, len(w.audio) / SAMPLE_RATE_HZ)
@@ -691,28 +716,6 @@ class WhisperEngine:
         failed = d.compression_ratio > g.compression_ratio_threshold or d.avg_logprob < g.log_prob_threshold
         silent = d.no_speech_prob > g.no_speech_threshold and d.avg_logprob < g.log_prob_threshold
         return failed and not silent
-
-    def _without_loops(self, d: _Decoded, tokenizer) -> _Decoded:
-        """``d`` with its repetition loops cut when it still fails the compression-ratio test.
-
-        After the fallback schedule a window may keep a looping decode (every attempt looped; the rule then
-        takes the most likely); its copies would otherwise reach the caller as text said several times over
-        the same speech (seen as a sentence tripled in a 10-minute subtitle job).
-        """
-        if d.compression_ratio <= self.gates.compression_ratio_threshold:
-            return d
-        tokens = cut_repetition_loops(d.tokens, tokenizer)
-        if len(tokens) == len(d.tokens):
-            return d
-        text = tokenizer.decode([t for t in tokens if t < tokenizer.eot]).strip()
-        logger.info(
-            "cut a repetition loop: %d of %d tokens removed, compression ratio %.2f -> %.2f",
-            len(d.tokens) - len(tokens),
-            len(d.tokens),
-            d.compression_ratio,
-            get_compression_ratio(text),
-        )
-        return replace(d, tokens=tokens, text=text, compression_ratio=get_compression_ratio(text))
 
     def _fall_back(self, decoded: list[_Decoded], features: np.ndarray, prompts, tokenizers) -> None:
         """Re-decodes failing windows by sampling at rising temperatures, in place.

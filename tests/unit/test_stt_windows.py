@@ -14,16 +14,15 @@ from services.stt.engine import (
     DecodeOptions,
     Segment,
     Transcript,
-    WhisperEngine,
     Window,
     _Decoded,
+    _without_loops,
     bucket_s,
     cut_repetition_loops,
     merge_transcripts,
     pack_spans,
     segments_from_tokens,
 )
-from services.stt.filters import HallucinationGates
 
 TB = 50364  # <|0.00|> of the multilingual vocabulary
 EOT = 50257  # <|endoftext|>: text tokens are below it
@@ -133,13 +132,12 @@ def test_the_looped_sentence_of_a_subtitle_job_is_kept_once_with_the_speech_afte
         assert [(a, b) for a, b, _ in segments_from_tokens(cut, ts, 24.0)] == [(0.0, end), (end, 22.0)]
 
     # The engine cuts only a decode that still fails the compression-ratio gate after the fallback.
-    engine = object.__new__(WhisperEngine)  # the rule needs the gates, not the model
-    engine.gates = HallucinationGates()
     decoded = _Decoded(tokens, looped.strip(), -0.2, 0.01, get_compression_ratio(looped.strip()))
-    kept = engine._without_loops(decoded, tokenizer)
+    kept = _without_loops(decoded, tokenizer, 2.4)
     assert (kept.tokens, kept.text) == (cut, (SAID + AFTER).strip())
     assert kept.compression_ratio < 2.4
-    assert engine._without_loops(kept, tokenizer) is kept
+    assert _without_loops(kept, tokenizer, 2.4) is kept
+    assert _without_loops(decoded, tokenizer, decoded.compression_ratio) is decoded  # passes the gate
 
 
 @pytest.mark.parametrize(
