@@ -6,16 +6,31 @@ STAMP := $(VENV)/.setup-stamp
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help setup protos protos-check lint test bench up demo
+.PHONY: help setup lock doctor protos protos-check lint test bench up demo
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml scripts/setup.sh
+# The lock: exact versions and hashes of the whole dependency tree, resolved by uv from pyproject.toml for
+# CPython 3.11 on Linux x86-64 (what CI and the images run). requirements/README.md says how to upgrade.
+LOCK := requirements/dev.txt
+UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -q \
+	$(foreach p,$(UPGRADE),--upgrade-package $(p))
+
+$(STAMP): pyproject.toml $(LOCK) scripts/setup.sh
 	bash scripts/setup.sh $(PYTHON) $(VENV)
 	touch $@
 
-setup: $(STAMP) ## Create .venv, install Parley with its dev tools, espeak-ng and the bundled CPU models
+setup: $(STAMP) ## .venv from the lock (requirements/dev.txt), espeak-ng, bundled models, smoke check of each
+
+lock: $(STAMP) ## Re-resolve the lock from pyproject.toml (UPGRADE="pkg ..." to move those); then make setup test
+	$(UV_COMPILE) --extra dev -o $(LOCK)
+	$(UV_COMPILE) -o requirements/runtime.txt
+	$(UV_COMPILE) --extra gpu -o requirements/gpu.txt
+
+doctor: $(STAMP) ## Smoke inference of every bundled model, each in its own process (parley doctor)
+	$(PY) -m services.cli doctor
 
 protos: $(STAMP) ## Regenerate the Python code in parley/ from protos/
 	bash scripts/gen_protos.sh $(PY) parley

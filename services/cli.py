@@ -6,6 +6,8 @@
 - ``parley translate-speech INPUT --source fr --target en``: streams an audio file through the gateway.
 - ``parley demo [--input FILE]``: starts a cluster, translates a sample it makes itself, stops the cluster.
 - ``parley subtitles INPUT --target en [-o out.srt] [--vtt out.vtt]``: subtitles for an audio or video file.
+- ``parley doctor [--only vad stt translate piper espeak]``: a smoke inference of every bundled model, each in
+  its own process; exit code 1, naming the model, library and signal or error, when one fails.
 
 This is a command-line tool: it writes its results to stdout on purpose (``sys.stdout.write``).
 """
@@ -26,15 +28,19 @@ import tempfile
 import threading
 import time
 import wave
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from services.common.processes import describe_exit
 
 STAGES = ("vad", "stt", "translate", "tts", "gateway")
 BACKENDS = ("vad", "stt", "translate", "tts")
 DEFAULT_PORTS = {"gateway": 50051, "vad": 50052, "stt": 50053, "translate": 50054, "tts": 50055}
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORTS['gateway']}"
 _PR_SET_PDEATHSIG = 1
+LOG_TAIL_LINES = 15
 
 
 def _out(line: str, stream=None) -> None:
@@ -100,6 +106,7 @@ class Member:
     address: str
     process: subprocess.Popen
     pump: threading.Thread
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_TAIL_LINES))
 
 
 class LocalCluster:
@@ -133,10 +140,11 @@ class LocalCluster:
         """host:port of a stage."""
         return f"{self.host}:{self.ports[stage]}"
 
-    def _pump(self, stage: str, process: subprocess.Popen) -> None:
+    def _pump(self, stage: str, process: subprocess.Popen, tail: deque[str]) -> None:
         assert process.stdout is not None
         for raw in process.stdout:
             line = raw.decode(errors="replace").rstrip()
+            tail.append(line)
             with self._lock:
                 self.log.write(f"[{stage:>9}] {line}\n")
                 self.log.flush()
@@ -150,16 +158,29 @@ class LocalCluster:
             for backend in BACKENDS:
                 flags += [f"--{backend}-address", self.address(backend)]
         flags += self.extra_flags.get(stage, [])
+        self.launch(stage, [sys.executable, "-m", f"services.{stage}", *flags])
+
+    def launch(self, stage: str, command: list[str]) -> None:
+        """Runs ``command`` as ``stage``'s process, its output prefixed into the log and kept for reports."""
         process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{stage}", *flags],
+            command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, async-signal-safe enough
             cwd=Path(__file__).resolve().parent.parent,
         )
-        pump = threading.Thread(target=self._pump, args=(stage, process), daemon=True)
+        tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        pump = threading.Thread(target=self._pump, args=(stage, process, tail), daemon=True)
         pump.start()
-        self.members[stage] = Member(stage, self.address(stage), process, pump)
+        self.members[stage] = Member(stage, self.address(stage), process, pump, tail)
+
+    def death_report(self, stage: str) -> str:
+        """Why a stage's process ended: the stage, how (signal by name or exit code), its last log lines."""
+        member = self.members[stage]
+        member.pump.join(timeout=2.0)  # the rest of its output, up to its end
+        lines = "\n".join(f"  [{stage:>9}] {line}" for line in member.tail)
+        how = describe_exit(member.process.returncode)
+        return f"the {stage} server died ({how}); the last lines of its log:\n{lines}"
 
     def wait_serving(self, stage: str, timeout_s: float) -> None:
         """Waits (bounded) until a server's health check says SERVING.
@@ -171,7 +192,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if member.process.poll() is not None:
-                raise RuntimeError(f"{stage} exited with code {member.process.returncode}; see its log above")
+                raise RuntimeError(self.death_report(stage))
             if check_health(member.address, timeout_s=1.0) == "SERVING":
                 return
             time.sleep(0.2)
@@ -249,7 +270,8 @@ def _up(argv: Sequence[str]) -> int:
         while not stop.is_set():
             exited = cluster.exited()
             if exited is not None:
-                _out(f"parley up: {exited} exited; stopping the cluster", sys.stderr)
+                _out(f"parley up: {cluster.death_report(exited)}", sys.stderr)
+                _out("parley up: stopping the cluster", sys.stderr)
                 return 1
             stop.wait(0.5)
         return 0
@@ -485,7 +507,11 @@ def _demo(argv: Sequence[str]) -> int:
                     Path(input_path),
                 )
                 _out(f"demo: made the {language} sample {input_path} with the TTS server")
-            return _run_translate(args, cluster.address("gateway"), input_path)
+            code = _run_translate(args, cluster.address("gateway"), input_path)
+            exited = cluster.exited()
+            if exited is not None:
+                raise RuntimeError(cluster.death_report(exited))
+            return code
         except RuntimeError as exc:
             _out(f"demo: {exc} (logs: {log_path})", sys.stderr)
             return 1
@@ -493,6 +519,12 @@ def _demo(argv: Sequence[str]) -> int:
             _out("demo: stopping the cluster")
             with contextlib.suppress(Exception):
                 cluster.stop()
+
+
+def _doctor(argv: Sequence[str]) -> int:
+    from services.doctor import main as run
+
+    return run(argv)
 
 
 def _subtitles(argv: Sequence[str]) -> int:
@@ -508,6 +540,7 @@ COMMANDS = {
     "translate-speech": _translate_speech,
     "demo": _demo,
     "subtitles": _subtitles,
+    "doctor": _doctor,
 }
 
 

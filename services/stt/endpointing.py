@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE_HZ = 16000
+from services.common.audio import SAMPLE_RATE_HZ
+
 WINDOW_SAMPLES = 512  # Silero VAD's window at 16 kHz: 32 ms
 _CONTEXT_SAMPLES = 64
 

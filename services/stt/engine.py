@@ -45,6 +45,7 @@ from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
 from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
+from services.common.audio import SAMPLE_RATE_HZ
 from services.common.devices import check_device
 from services.common.errors import InvalidArgument
 from services.common.models import resolve_whisper, silero_vad_path
@@ -56,7 +57,6 @@ from services.stt.filters import HallucinationGates, normalize_text, split_hallu
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE_HZ = 16000
 TRANSCRIBE = "transcribe"
 TRANSLATE = "translate"
 MAX_WINDOW_S = 30.0  # Whisper's encoder input: 3000 mel frames of 10 ms

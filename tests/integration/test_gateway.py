@@ -195,6 +195,19 @@ async def test_speech_translation_on_fleurs(cluster, source, target, files):
         assert 0 < u.timings["end_of_speech_to_transcript_ms"] <= u.timings["end_of_speech_to_first_audio_ms"]
 
 
+def test_healthy_streams_log_nothing_at_warning_or_above(cluster):
+    """Runs after the FLEURS streams (tracing on): no process logged a warning, an error or a traceback."""
+    for name, server in cluster.items():
+        if name == "metrics":
+            continue
+        bad = [
+            line
+            for line in server.log().splitlines()
+            if re.search(r" (WARNING|ERROR|CRITICAL) |Traceback", line)
+        ]
+        assert not bad, (name, bad[:10])
+
+
 async def test_one_call_is_one_trace_across_all_five_services(cluster, otlp):
     receiver, _ = otlp
     rows = fleurs("fr", ["fleurs-fr-004.wav"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import logging
 import time
 
 import grpc
@@ -18,6 +20,7 @@ from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
 from services.common.server import StatusMappingInterceptor
+from services.common.telemetry import server_interceptors
 from services.gateway.client import Collector, GatewayClient, split_pcm
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import Downstream
@@ -84,14 +87,16 @@ class FakeStt(stt_pb2_grpc.SpeechToTextServicer):
     def __init__(self, delay_s: float = 0.0):
         self.delay_s = delay_s
         self.log: list[tuple[str, float, float]] = []
-        self.cancelled = 0
+        self.called = asyncio.Event()
+        self.cancelled = asyncio.Event()
 
     async def Transcribe(self, request, context):
         started = time.monotonic()
+        self.called.set()
         try:
             await asyncio.sleep(self.delay_s)
         except asyncio.CancelledError:
-            self.cancelled += 1
+            self.cancelled.set()
             raise
         seconds = round(len(request.audio) / 2 / RATE)
         text = f"words {seconds}"
@@ -154,7 +159,7 @@ class Cluster:
 
 
 async def _serve(add) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server(interceptors=[StatusMappingInterceptor()])
+    server = grpc.aio.server(interceptors=[*server_interceptors(), StatusMappingInterceptor()])
     add(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -230,6 +235,21 @@ async def run_stream(address, cfg, pcm, **kw) -> Collector:
             assert event.request_id == cfg.request_id
             collector.add(event)
     return collector
+
+
+@pytest.mark.timeout(30)
+async def test_healthy_and_abandoned_streams_log_nothing_at_warning_or_above(cluster, caplog):
+    """Tracing off (no provider), the servers' OpenTelemetry interceptors still in place, as in production."""
+    caplog.set_level(logging.WARNING)
+    result = await run_stream(cluster.gateway, config(), speech(1.0, 2.0))
+    assert result.end.utterances == 2
+    async with GatewayClient(cluster.gateway) as client:  # a caller that walks away after the first event
+        async for _ in client.translate_speech(config(), split_pcm(speech(1.0, 2.0, 3.0), 50)):
+            break
+    await asyncio.wait_for(_until(lambda: cluster.servicer.active == 0), timeout=20)
+    gc.collect()  # abandoned async generators are finalised here, where a context detach error would log
+    await asyncio.sleep(0.1)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 EXPECTED_ORDER = ["speech_started", "transcript", "translation", "audio", "audio", "timings"]
@@ -347,39 +367,40 @@ async def test_past_max_streams_resource_exhausted_at_once(cluster):
     async with grpc.aio.insecure_channel(cluster.gateway) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         first = stub.TranslateSpeech(held())
-        for _ in range(500):
-            if cluster.servicer.active:
-                break
-            await asyncio.sleep(0.01)
-        started = time.monotonic()
+        await asyncio.wait_for(_until(lambda: cluster.servicer.active == 1), timeout=20)
+        # Refused while the first stream still holds the only slot: not queued behind it.
         second = stub.TranslateSpeech(iter([gateway_pb2.TranslateSpeechRequest(config=config())]))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in second:
                 pass
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert time.monotonic() - started < 0.5
         release.set()
         events = [e async for e in first]
         assert events[-1].WhichOneof("event") == "end_of_stream"
-    assert cluster.servicer.active == 0
+    await asyncio.wait_for(_until(lambda: cluster.servicer.active == 0), timeout=20)
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize("cluster", [{"stt_delay_s": 5.0}], indirect=True)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cluster", [{"stt_delay_s": 120.0}], indirect=True)
 async def test_short_deadline_ends_the_call_and_cancels_downstream_work(cluster):
     pcm = speech(10.0)  # sent at once: the fake VAD ends the utterance when the stream half-closes
+    timeout_s = 3.0  # room for the utterance to reach STT on a loaded machine; STT itself never answers
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await run_stream(cluster.gateway, config(), pcm, timeout_s=0.3)
+        await run_stream(cluster.gateway, config(), pcm, timeout_s=timeout_s)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < timeout_s + 2.0
+    assert cluster.stt.called.is_set(), "the utterance never reached STT before the deadline"
     # No stage keeps working on it: the STT call (its own timeout was the remaining deadline) is cancelled.
-    for _ in range(100):
-        if cluster.stt.cancelled and cluster.servicer.active == 0:
-            break
+    await asyncio.wait_for(cluster.stt.cancelled.wait(), timeout=30)
+    assert not cluster.stt.log
+    await asyncio.wait_for(_until(lambda: cluster.servicer.active == 0), timeout=30)
+
+
+async def _until(predicate) -> None:
+    """Returns once ``predicate()`` holds, checking every 10 ms (bound it with ``asyncio.wait_for``)."""
+    while not predicate():  # noqa: ASYNC110 - a counter with no event to wait on
         await asyncio.sleep(0.01)
-    assert cluster.stt.cancelled >= 1 and not cluster.stt.log
-    assert cluster.servicer.active == 0
 
 
 @pytest.mark.timeout(30)
