@@ -18,7 +18,7 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
     echo "setup: the TTS server will serve its Piper voices only; install the 'espeak-ng' package for French, Turkish and other languages." >&2
   fi
 else
-  step "[1/5] espeak-ng $(espeak-ng --version | awk '{print $3}') already installed"
+  step "[1/5] espeak-ng already installed"
 fi
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"

@@ -12,10 +12,22 @@ from services.common.server import Stage, run
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import Downstream
 from services.gateway.servicer import GatewayServicer
+from services.gateway.session import RATE_HZ, VAD_LOOKBACK_SAMPLES
 
 
 def _load(config: GatewayConfig) -> None:
-    """Nothing to load: the gateway holds no model (its channels are opened on the server's event loop)."""
+    """Checks the config; nothing to load: the gateway holds no model (channels open on the event loop).
+
+    Raises:
+        ValueError: ``max_buffer_s`` leaves audio intake no room ahead of the VAD (see
+            :meth:`services.gateway.session.StreamSession._hold_from`).
+    """
+    least_s = config.max_utterance_s + VAD_LOOKBACK_SAMPLES / RATE_HZ + 1.0
+    if config.max_buffer_s < least_s:
+        raise ValueError(
+            f"--max-buffer-s {config.max_buffer_s:g} must be at least --max-utterance-s + 3 s ({least_s:g}): "
+            "the buffer holds the longest utterance and the audio read ahead of the VAD"
+        )
 
 
 def _add_servicers(server: grpc.aio.Server, engine: None, config: GatewayConfig) -> None:

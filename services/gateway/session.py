@@ -13,8 +13,13 @@ before any event of utterance n+1; within an utterance the order is the one abov
 the STT worker transcribes utterance n+1 while the other worker translates and speaks utterance n; only the
 sending waits, so n+1's speech_started may reach the client after n's last audio chunk.
 
-Backpressure: at most ``max_pending_utterances`` utterances are detected but not yet fully sent; when
-that many are waiting, endpointing stops reading audio, and gRPC flow control slows the client.
+Backpressure, not loss: at most ``max_pending_utterances`` utterances are detected but not yet fully
+sent; when that many are waiting, endpointing stops consuming VAD events. Audio intake then stops too,
+before the ring buffer would overwrite audio an utterance may still be cut from
+(:meth:`StreamSession._hold_from`: the open utterance's start, or the VAD's consumed position less a
+look-back), so the reader stops taking
+requests and gRPC flow control slows the client, whatever speed it sends at. An utterance whose audio is
+gone anyway (a defect) ends in a DATA_LOSS error event naming the span, never in silence.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ logger = logging.getLogger(__name__)
 
 RATE_HZ = 16000
 SAMPLES_PER_MS = RATE_HZ // 1000
+# How far before the VAD position it reported an utterance may still start: a speech start is confirmed
+# after min_speech_ms and padded by speech_pad_ms (VAD defaults 250 + 30 ms); 2 s leaves room for any
+# configured values.
+VAD_LOOKBACK_SAMPLES = 2 * RATE_HZ
 
 STAGE_LATENCY = Histogram(
     "parley_gateway_stage_duration_seconds",
@@ -200,6 +209,8 @@ class StreamSession:
         self._failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._utterances = 0
         self._current: Utterance | None = None
+        self._vad_pos = 0  # absolute samples the consumed VAD responses account for
+        self._room = asyncio.Event()  # set whenever the hold point may have moved
         self._vad_down = False
         self._tracer = tracer(__name__)
         self._context = otel_context.get_current()
@@ -305,9 +316,36 @@ class StreamSession:
         await self._vad_in.put(None)
 
     async def _feed(self, samples: np.ndarray) -> None:
-        if len(samples):
-            self.buffer.push(samples)
-            await self._vad_in.put(samples)
+        """Buffers and endpoints samples, waiting first while they would overwrite audio still needed."""
+        piece = max(1, self.buffer.capacity // 8)
+        for start in range(0, len(samples), piece):
+            chunk = samples[start : start + piece]
+            while self.buffer.end + len(chunk) - self._hold_from() > self.buffer.capacity:
+                self._room.clear()
+                await self._room.wait()
+            self.buffer.push(chunk)
+            await self._vad_in.put(chunk)
+
+    def _hold_from(self) -> int:
+        """Absolute index of the first sample an utterance may still be cut from.
+
+        The open utterance's start, else the consumed VAD position less :data:`VAD_LOOKBACK_SAMPLES`; never
+        earlier than the longest utterance (``max_utterance_s``) before that position, since
+        :meth:`_end_utterance` keeps only an utterance's last ``max_utterance_s``. So intake can always run
+        ``max_buffer_s - max_utterance_s - 2 s`` ahead of the VAD, and the VAD can always end an utterance.
+        """
+        hold = self._vad_pos - VAD_LOOKBACK_SAMPLES
+        if self._current is not None:
+            hold = min(hold, self._current.start_ms * SAMPLES_PER_MS)
+        return max(
+            0, hold, self._vad_pos - int(self.settings.max_utterance_s * RATE_HZ) - VAD_LOOKBACK_SAMPLES
+        )
+
+    def _vad_reached(self, samples: int) -> None:
+        """Records that VAD results up to absolute sample ``samples`` are consumed; wakes a waiting intake."""
+        if samples > self._vad_pos:
+            self._vad_pos = samples
+            self._room.set()
 
     async def _start_utterance(self, start_ms: int) -> Utterance:
         await self._slots.acquire()
@@ -327,6 +365,7 @@ class StreamSession:
         utterance.audio = self.buffer.slice(max(start, stop - max_samples), stop)
         utterance.start_ms, utterance.end_ms = start_ms, end_ms
         utterance.ended_at_s = self.clock.monotonic()
+        self._room.set()
         utterance.span = self._tracer.start_span(
             "gateway.utterance",
             context=self._context,
@@ -381,6 +420,7 @@ class StreamSession:
                         guard.record(None, timeout_s, started_s)
                         self._vad_down = False
                     await self._on_vad(response, offset_ms)
+                    self._vad_reached((offset_ms + response.audio_processed_ms) * SAMPLES_PER_MS)
                 if not healthy:
                     guard.record(None, timeout_s, started_s)
                 self._vad_down = False
@@ -417,6 +457,7 @@ class StreamSession:
                 state["eof"] = True
                 return
             state["sent"] += len(samples)
+            self._vad_reached(state["sent"])
             if breaker.state is not BreakerState.OPEN:
                 return
 
@@ -488,6 +529,15 @@ class StreamSession:
             QUEUE_DEPTH.labels("stt").dec()
             if utterance.audio is not None and len(utterance.audio):
                 await self._transcribe(utterance)
+            elif utterance.end_ms > utterance.start_ms:  # (an empty span is a VAD outage's, reported)
+                self._emit(
+                    utterance,
+                    error=gateway_pb2.UtteranceError(
+                        stage="gateway",
+                        code=grpc.StatusCode.DATA_LOSS.value[0],
+                        message=f"audio {utterance.start_ms}-{utterance.end_ms} ms was no longer buffered",
+                    ),
+                )
             QUEUE_DEPTH.labels("translate").inc()
             await self._mt_q.put(utterance)
         await self._mt_q.put(None)

@@ -59,6 +59,9 @@ def _segment_pb(segment: Segment) -> vad_pb2.SpeechSegment:
 # Batcher levels: live streams first, whole clips after them.
 STREAM_PRIORITY = 0
 CLIP_PRIORITY = 1
+# A StreamDetect response with no event, only audio_processed_ms, goes out after this much audio without
+# an event, so a caller holding audio for utterances still to come (the gateway) can release what is done.
+PROGRESS_INTERVAL_MS = 1000
 
 VadBatcher = DynamicBatcher[tuple[np.ndarray, ModelState], tuple[np.ndarray, ModelState]]
 
@@ -158,13 +161,21 @@ class VadServicer(vad_pb2_grpc.VoiceActivityDetectionServicer):
                     )
             return out
 
+        reported_ms = 0
         async for message in request_iterator:
             if message.WhichOneof("request") != "audio":
                 raise InvalidArgument("StreamDetect takes one config, as the first message only; then audio")
             windows = endpointer.add(pcm.push(message.audio))
             if windows is not None:
                 probs, state = await self._infer(windows, endpointer.state, context, self._stream_priority)
-                for response in responses(endpointer.accept(probs, state)):
+                out = responses(endpointer.accept(probs, state))
+                processed_ms = round(pcm.duration_s * 1000)
+                if not out and processed_ms - reported_ms >= PROGRESS_INTERVAL_MS:
+                    out = [
+                        vad_pb2.StreamDetectResponse(request_id=request_id, audio_processed_ms=processed_ms)
+                    ]
+                for response in out:
+                    reported_ms = response.audio_processed_ms
                     yield response
         tail = pcm.flush()
         windows = endpointer.add(tail) if len(tail) else None

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from concurrent import futures
 
 import grpc
@@ -115,8 +116,8 @@ def joined_pcm(rows) -> bytes:
 
 
 def config(source: str, target: str, **kw) -> gateway_pb2.TranslateSpeechConfig:
+    kw.setdefault("request_id", f"it-{source}-{target}")
     return gateway_pb2.TranslateSpeechConfig(
-        request_id=f"it-{source}-{target}",
         source_language=source,
         target_language=target,
         input_format=audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE, channels=1),
@@ -193,6 +194,34 @@ async def test_speech_translation_on_fleurs(cluster, source, target, files):
     for u in utterances:
         assert u.end_ms > u.start_ms
         assert 0 < u.timings["end_of_speech_to_transcript_ms"] <= u.timings["end_of_speech_to_first_audio_ms"]
+
+
+async def faster_than_real_time(chunks: list[bytes], speed: float) -> AsyncIterator[bytes]:
+    """Yields 16 kHz PCM_S16LE chunks at ``speed`` times real time."""
+    for chunk in chunks:
+        yield chunk
+        await asyncio.sleep(len(chunk) / 2 / RATE / speed)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("speed", [10.0, None], ids=["10x-real-time", "file-speed"])
+async def test_a_recording_faster_than_real_time_loses_no_utterance(cluster, speed):
+    """12 LJSpeech sentences (78 s): every utterance told to the caller ends in a transcript or an error."""
+    rows = read_manifest("ljspeech")[:12]
+    chunks = split_pcm(joined_pcm(rows), 100)
+    audio = chunks if speed is None else faster_than_real_time(chunks, speed)
+    collector = Collector()
+    cfg = config("en", "fr", request_id="fast")
+    async with GatewayClient(cluster["gateway"].address) as client:
+        async for event in client.translate_speech(cfg, audio, timeout_s=540):
+            collector.add(event)
+    started = {i for i, kind in collector.events if kind == "speech_started"}
+    results = collector.utterances
+    lost = [i for i in started if "final_transcript" not in results[i].received_s and not results[i].errors]
+    assert not lost, f"{len(lost)} of {len(started)} utterances got speech_started and nothing after"
+    assert collector.end is not None and collector.end.utterances == len(started) >= len(rows) - 2
+    transcript = " ".join(u.transcript for u in collector.utterances.values())
+    assert wer([" ".join(r["reference_text"] for r in rows)], [transcript], "en") <= 0.25, transcript
 
 
 def test_healthy_streams_log_nothing_at_warning_or_above(cluster):

@@ -58,6 +58,8 @@ class FakeVad(vad_pb2_grpc.VoiceActivityDetectionServicer):
                     frame, pending = pending[:160], pending[160:]
                     speech = float(np.sqrt(np.mean(frame**2))) > 0.05
                     pos += 10
+                    if pos % 1000 == 0:  # progress, as the real VAD reports it
+                        yield vad_pb2.StreamDetectResponse(audio_processed_ms=pos)
                     if speech:
                         silence = 0
                         if start is None:
@@ -192,6 +194,9 @@ async def cluster(request):
         translate_address=addresses["translate"],
         tts_address=addresses["tts"],
         max_streams=params.get("max_streams", 4),
+        max_pending_utterances=params.get("max_pending_utterances", 4),
+        max_buffer_s=params.get("max_buffer_s", 60.0),
+        max_utterance_s=params.get("max_utterance_s", 30.0),
         breaker_failure_threshold=2,
         breaker_reset_timeout_s=0.5,
         retry_initial_backoff_ms=10,
@@ -250,6 +255,21 @@ async def test_healthy_and_abandoned_streams_log_nothing_at_warning_or_above(clu
     gc.collect()  # abandoned async generators are finalised here, where a context detach error would log
     await asyncio.sleep(0.1)
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "cluster",
+    [{"stt_delay_s": 0.05, "max_pending_utterances": 2, "max_buffer_s": 8.0, "max_utterance_s": 3.0}],
+    indirect=True,
+)
+async def test_audio_sent_at_file_speed_loses_no_utterance(cluster):
+    """40 utterances (58 s) sent at once into an 8 s buffer: intake waits for the pipeline, none is lost."""
+    result = await run_stream(cluster.gateway, config(), speech(*[1.0] * 40))
+    assert result.end.utterances == 40
+    for index, u in result.utterances.items():
+        assert u.transcript == "words 1" and not u.errors, (index, u.transcript, u.errors)
+    assert [u.translation for u in result.utterances.values()] == ["T(words 1)"] * 40
 
 
 EXPECTED_ORDER = ["speech_started", "transcript", "translation", "audio", "audio", "timings"]
