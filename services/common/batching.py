@@ -110,6 +110,10 @@ COMPUTE_TIME = Histogram(
 QUEUE_DEPTH = Gauge("parley_batch_queue_depth", "Items waiting in the queue now.", ["name"])
 
 
+# How long a stopping stage server waits for a batch already computing before it exits anyway, in s.
+STAGE_CLOSE_TIMEOUT_S = 2.0
+
+
 class BatchError(ParleyError):
     """A batch function failed or returned the wrong number of outputs; maps to INTERNAL."""
 
@@ -613,16 +617,21 @@ class DynamicBatcher(Generic[I, O]):
             future.cancel()
             raise
 
-    def close(self, *, drain: bool = True, timeout_s: float | None = None) -> None:
+    def close(self, *, drain: bool = True, timeout_s: float | None = None) -> bool:
         """Stops accepting requests, settles the queued ones and joins the inference threads.
 
         Blocks: call it from a worker thread (``Stage.close`` runs on one), not on the event loop.
-        Idempotent.
+        Idempotent. A stage server closes with ``drain=False`` and :data:`STAGE_CLOSE_TIMEOUT_S`: it runs
+        after ``server.stop(grace)``, so whatever is still queued belongs to calls already cancelled.
 
         Args:
             drain: True: queued items are computed (without waiting out the queue delay). False: they
                 fail UNAVAILABLE. Batches already computing always finish.
             timeout_s: Longest wait for each thread, in seconds; None waits as long as the batches take.
+
+        Returns:
+            True when every inference thread has stopped; False when one is still computing a batch (its
+            model must then not be released: the threads are daemons and end with the process).
         """
         with self._cond:
             self._closing = True
@@ -635,11 +644,14 @@ class DynamicBatcher(Generic[I, O]):
                     )
                 self._depth.set(0)
             self._cond.notify_all()
+        stopped = True
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout_s)
                 if thread.is_alive():
+                    stopped = False
                     logger.warning("%s: inference thread %s still busy after close", self.name, thread.name)
+        return stopped
 
     def _count(self, stat: str, reason: str) -> None:
         self._counts[stat] += 1

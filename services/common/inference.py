@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from services.common.batching import BatchingConfig, DynamicBatcher
+from services.common.batching import STAGE_CLOSE_TIMEOUT_S, BatchingConfig, DynamicBatcher
 
 R = TypeVar("R")
 
@@ -101,9 +101,15 @@ class BatchedPool:
         """:meth:`submit` at the lowest priority without a deadline (:class:`InferencePool`'s interface)."""
         return await self.submit(fn, *args, **kwargs)
 
-    def close(self) -> None:
-        """Runs the queued calls, then stops the threads (blocking)."""
-        self.batcher.close(drain=True)
+    def close(self) -> bool:
+        """Drops the queued calls and stops the threads, waiting at most ``STAGE_CLOSE_TIMEOUT_S`` (blocking).
+
+        It runs after the server stopped, so the queued calls' callers are gone.
+
+        Returns:
+            True when every thread stopped.
+        """
+        return self.batcher.close(drain=False, timeout_s=STAGE_CLOSE_TIMEOUT_S)
 
 
 @dataclasses.dataclass(frozen=True)

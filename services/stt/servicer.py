@@ -29,7 +29,7 @@ import numpy as np
 
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import PcmStream, decode_pcm
-from services.common.batching import DynamicBatcher, split_on_oom
+from services.common.batching import STAGE_CLOSE_TIMEOUT_S, DynamicBatcher, split_on_oom
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from services.common.inference import InferencePool
 from services.common.resilience import Deadline
@@ -106,10 +106,15 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
         self._streams = 0
 
     def close(self) -> None:
-        """Decodes the queued windows, then stops the batcher and VAD threads and closes the backend."""
-        self._batcher.close(drain=True)
+        """Drops the queued windows, stops the batcher and VAD threads, closes the backend.
+
+        This runs after the server stopped, so the queued windows' calls are gone; the backend stays open
+        while a batch is still decoding (its thread is a daemon and ends with the process).
+        """
+        stopped = self._batcher.close(drain=False, timeout_s=STAGE_CLOSE_TIMEOUT_S)
         self._vad_pool.close()
-        self._engine.close()
+        if stopped:
+            self._engine.close()
 
     async def _decode(
         self,

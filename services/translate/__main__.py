@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import grpc
 
 from parley.translate.v1 import translate_pb2_grpc
-from services.common.batching import DynamicBatcher, split_on_oom
+from services.common.batching import STAGE_CLOSE_TIMEOUT_S, DynamicBatcher, split_on_oom
 from services.common.config import load_config
 from services.common.server import Stage, run
 from services.translate.config import Backend, TranslateConfig
@@ -68,8 +68,8 @@ def _add_servicers(server: grpc.aio.Server, runtime: TranslateRuntime, config: T
 
 
 def _close(runtime: TranslateRuntime) -> None:
-    runtime.batcher.close(drain=True)
-    runtime.engine.close()
+    if runtime.batcher.close(drain=False, timeout_s=STAGE_CLOSE_TIMEOUT_S):
+        runtime.engine.close()
 
 
 STAGE: Stage[TranslateConfig, TranslateRuntime] = Stage(

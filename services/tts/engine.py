@@ -494,7 +494,7 @@ class TtsEngine:
                 pending.exception()  # retrieved, so an abandoned stream logs no "never retrieved" error
 
     def close(self) -> None:
-        """Waits for running calls, then stops every pool."""
+        """Stops every pool: queued calls dropped, a running one waited for a bounded time."""
         for pool in {id(pool): pool for _, pool in self._voices}.values():
             pool.close()
 

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 
 from parley.vad.v1 import vad_pb2_grpc
-from services.common.batching import DynamicBatcher
+from services.common.batching import STAGE_CLOSE_TIMEOUT_S, DynamicBatcher
 from services.common.config import load_config
 from services.common.models import silero_vad_path
 from services.common.server import Stage, run
@@ -37,8 +37,8 @@ def _add_servicers(server: grpc.aio.Server, runtime: VadRuntime, config: VadConf
 
 
 def _close(runtime: VadRuntime) -> None:
-    runtime.batcher.close(drain=True)
-    runtime.vad.close()
+    if runtime.batcher.close(drain=False, timeout_s=STAGE_CLOSE_TIMEOUT_S):
+        runtime.vad.close()
 
 
 STAGE: Stage[VadConfig, VadRuntime] = Stage(

@@ -63,6 +63,8 @@ async def start_vad_call(channel: grpc.aio.Channel) -> Awaitable[None]:
     for start in range(0, half, chunk):
         await call.write(vad_pb2.StreamDetectRequest(audio=pcm[start : start + chunk]))
     first = await asyncio.wait_for(call.read(), 30)
+    while first.WhichOneof("event") is None:  # progress reports (audio_processed_ms only)
+        first = await asyncio.wait_for(call.read(), 30)
     assert first.WhichOneof("event") == "speech_started"
 
     async def finish() -> None:
@@ -231,6 +233,46 @@ async def test_start_reflect_health_and_drain_on_sigterm(case: StageCase):
         returncode = await asyncio.to_thread(server.process.wait, 30)
         assert returncode == 0, server.log()
         assert "ready, SERVING" in server.log() and "stopped" in server.log()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+async def test_stt_exits_within_its_grace_with_long_calls_queued():
+    """SIGTERM while the batcher holds minutes of windows: calls cut at the grace end, queued windows dropped.
+
+    Before, closing the batcher decoded every queued window of the cancelled calls (37-39 s past SIGTERM
+    with a 10 s grace).
+    """
+    grace_s = 2.0
+    server = start_server("stt", "--drain-delay-s", "0.2", "--grace-s", str(grace_s))
+    rows = read_manifest("ljspeech")[:8]
+    pcm = b"".join(read_wav(row["path"])[0] for row in rows)  # about 50 s: several windows per call
+    request = stt_pb2.TranscribeRequest(
+        audio=pcm,
+        format=audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=16000, channels=1),
+        config=stt_pb2.RecognitionConfig(language="en"),
+    )
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = stt_pb2_grpc.SpeechToTextStub(channel)
+            calls = [stub.Transcribe(request, timeout=600) for _ in range(4)]
+            await asyncio.sleep(3.0)  # the first windows are decoding, the rest queued
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            returncode = await asyncio.to_thread(server.process.wait, 60)
+            exit_s = time.monotonic() - signalled
+            codes = []
+            for call in calls:
+                try:
+                    await call
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+        assert returncode == 0, server.log()
+        # Drain delay + grace + one window still decoding (a few s on 2 busy cores), far from a queue's worth.
+        assert exit_s < 0.2 + grace_s + 10.0, (exit_s, server.log()[-2000:])
+        assert grpc.StatusCode.OK not in codes[1:], codes  # nothing was decoded for gone callers
     finally:
         if server.process.poll() is None:
             server.process.kill()
