@@ -6,7 +6,8 @@ metrics, and drains gracefully on SIGTERM.
 Start-up order (grpc ``examples/python/helloworld/async_greeter_server_with_graceful_shutdown.py``):
 load and warm the engine on a worker thread, add the servicers, ``grpc.health.v1`` and reflection, start,
 then set SERVING and log "ready" once. On SIGTERM or SIGINT: NOT_SERVING, wait ``drain_delay_s`` so load
-balancers and health watchers move traffic away, then ``server.stop(grace_s)`` so in-flight calls finish.
+balancers and health watchers move traffic away, then ``server.stop(grace_s)`` so in-flight calls finish,
+while the stage's drain hook (the gateway's) ends its long streams cleanly within the grace.
 """
 
 from __future__ import annotations
@@ -154,14 +155,16 @@ class Stage(Generic[C, E]):
         name: Short name ("vad", "stt", ...), used in logs and thread names.
         service_names: Full proto service names, for health and reflection.
         load: Loads and warms the engine; blocking, runs on a worker thread before serving starts.
-        add_servicers: Registers the stage's servicers on the server.
+        add_servicers: Registers the stage's servicers on the server. It may return a drain hook: on
+            SIGTERM, while ``server.stop(grace_s)`` waits for the in-flight calls, the hook is awaited with
+            the grace period in seconds, so a servicer can bring its long calls to a clean end within it.
         close: Releases the engine after the server has stopped.
     """
 
     name: str
     service_names: tuple[str, ...]
     load: Callable[[C], E]
-    add_servicers: Callable[[grpc.aio.Server, E, C], None]
+    add_servicers: Callable[[grpc.aio.Server, E, C], Callable[[float], Awaitable[None]] | None]
     close: Callable[[E], None] | None = None
 
 
@@ -184,7 +187,7 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
             ("grpc.so_reuseport", 0),
         ],
     )
-    stage.add_servicers(server, engine, config)
+    drain = stage.add_servicers(server, engine, config)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -215,7 +218,10 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
     logger.info("%s: draining: NOT_SERVING, in-flight calls get %.1f s", stage.name, config.grace_s)
     await health.enter_graceful_shutdown()
     await asyncio.sleep(config.drain_delay_s)
-    await server.stop(config.grace_s)
+    if drain is None:
+        await server.stop(config.grace_s)
+    else:
+        await asyncio.gather(server.stop(config.grace_s), drain(config.grace_s))
     if stage.close is not None:
         await asyncio.to_thread(stage.close, engine)
     logger.info("%s: stopped", stage.name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
@@ -30,8 +30,12 @@ def _load(config: GatewayConfig) -> None:
         )
 
 
-def _add_servicers(server: grpc.aio.Server, engine: None, config: GatewayConfig) -> None:
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(config, Downstream(config)), server)
+def _add_servicers(
+    server: grpc.aio.Server, engine: None, config: GatewayConfig
+) -> Callable[[float], Awaitable[None]]:
+    servicer = GatewayServicer(config, Downstream(config))
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+    return servicer.drain
 
 
 STAGE: Stage[GatewayConfig, None] = Stage(

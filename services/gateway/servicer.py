@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -19,6 +20,9 @@ from services.gateway.session import StreamSession
 
 logger = logging.getLogger(__name__)
 
+# Time kept from the grace period for the streams' last events to reach their callers, in seconds.
+DRAIN_MARGIN_S = 1.0
+
 ACTIVE_STREAMS = Gauge("parley_gateway_active_streams", "TranslateSpeech streams in progress.")
 
 
@@ -34,6 +38,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.config = config
         self.downstream = downstream
         self.active = 0
+        self.sessions: set[StreamSession] = set()
         self.files = FileTranslator(
             downstream.vad, downstream.stt, downstream.translation, guards=downstream.guards
         )
@@ -71,11 +76,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             session = StreamSession(
                 self.config, self.downstream, first.config, Deadline.after(context.time_remaining())
             )
-            async for response in session.run(request_iterator):
-                yield response
+            self.sessions.add(session)
+            try:
+                async for response in session.run(request_iterator):
+                    yield response
+            finally:
+                self.sessions.discard(session)
         finally:
             self.active -= 1
             ACTIVE_STREAMS.dec()
+
+    async def drain(self, grace_s: float) -> None:
+        """Ends every live stream cleanly within ``grace_s`` seconds (the server's drain hook, on SIGTERM).
+
+        Each stream stops reading audio, finishes the utterances already detected while the time lasts,
+        sends an UNAVAILABLE error event for each one it could not finish, then EndOfStream.
+        """
+        budget_s = max(0.0, grace_s - DRAIN_MARGIN_S)
+        await asyncio.gather(*(session.drain(budget_s) for session in list(self.sessions)))
 
     async def TranslateFile(
         self,

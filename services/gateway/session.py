@@ -134,6 +134,7 @@ class Utterance:
     span: Any = None
     interim: asyncio.Task[None] | None = None
     last_interim: str = ""
+    done: bool = False  # its last event is queued: nothing more is sent for it
 
 
 def plan_mode(request: gateway_pb2.TranslateSpeechConfig, direct_to_english: bool) -> int:
@@ -210,6 +211,9 @@ class StreamSession:
         self._utterances = 0
         self._current: Utterance | None = None
         self._vad_pos = 0  # absolute samples the consumed VAD responses account for
+        self._open: dict[int, Utterance] = {}  # started, last event not yet queued
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ended = asyncio.Event()  # EndOfStream is queued
         self._room = asyncio.Event()  # set whenever the hold point may have moved
         self._vad_down = False
         self._tracer = tracer(__name__)
@@ -225,7 +229,7 @@ class StreamSession:
         Raises:
             InvalidArgument: A protocol error in the requests (a second config, an empty message).
         """
-        tasks = [
+        tasks = self._tasks = [
             asyncio.create_task(self._guarded(coro))
             for coro in (self._read(requests), self._endpoint(), self._stt_worker(), self._mt_worker())
         ]
@@ -234,6 +238,7 @@ class StreamSession:
                 while (event := await self._next(utterance.events)) is not _DONE:
                     yield event
                 self._slots.release()
+            self._ended.set()
             yield self._response(
                 self._utterances,
                 end_of_stream=gateway_pb2.EndOfStream(
@@ -246,6 +251,48 @@ class StreamSession:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self._current is not None and self._current.interim is not None:
                 self._current.interim.cancel()
+
+    async def drain(self, budget_s: float) -> None:
+        """Ends the stream cleanly within ``budget_s`` seconds: the gateway is shutting down.
+
+        Stops reading audio (what the caller sends from now on is not processed; EndOfStream's
+        ``audio_duration_s`` says how much was), lets the utterances already detected finish while the
+        budget lasts, then sends an UNAVAILABLE error event for each one still unfinished, and EndOfStream.
+        """
+        if not self._tasks:
+            return
+        reader = self._tasks[0]
+        if not reader.done():
+            reader.cancel()
+            # End of input for endpointing: the utterance in progress ends where the audio stopped.
+            self._tasks.append(asyncio.create_task(self._vad_in.put(None)))
+        try:
+            await asyncio.wait_for(self._ended.wait(), budget_s)
+            return
+        except TimeoutError:
+            pass
+        unfinished = list(self._open.values())
+        logger.warning("draining: %d utterances unfinished when the grace ran out", len(unfinished))
+        for utterance in unfinished:
+            self._emit(
+                utterance,
+                error=gateway_pb2.UtteranceError(
+                    stage="gateway",
+                    code=grpc.StatusCode.UNAVAILABLE.value[0],
+                    message="the gateway is shutting down: this utterance was not finished; send it again",
+                ),
+            )
+            self._close(utterance)
+        for task in self._tasks[1:]:
+            task.cancel()
+        self._order.put_nowait(None)
+
+    def _close(self, utterance: Utterance) -> None:
+        """Queues the utterance's end marker, once: the sender moves on to the next utterance."""
+        if not utterance.done:
+            utterance.done = True
+            utterance.events.put_nowait(_DONE)
+            self._open.pop(utterance.index, None)
 
     async def _guarded(self, coro: Any) -> None:
         try:
@@ -351,6 +398,7 @@ class StreamSession:
         await self._slots.acquire()
         utterance = Utterance(index=self._utterances, start_ms=start_ms)
         self._utterances += 1
+        self._open[utterance.index] = utterance
         self._order.put_nowait(utterance)
         self._emit(utterance, speech_started=gateway_pb2.SpeechStarted(start_ms=start_ms))
         if self.request.interim_results:
@@ -623,7 +671,7 @@ class StreamSession:
                     self._emit(utterance, timings=utterance.timings)
                 if utterance.span is not None:
                     utterance.span.end()
-                utterance.events.put_nowait(_DONE)
+                self._close(utterance)
         await self._order.put(None)
 
     async def _translate_and_speak(self, utterance: Utterance) -> None:

@@ -272,6 +272,52 @@ async def test_audio_sent_at_file_speed_loses_no_utterance(cluster):
     assert [u.translation for u in result.utterances.values()] == ["T(words 1)"] * 40
 
 
+async def _held_stream(cluster, pcm: bytes, release: asyncio.Event) -> tuple[Collector, grpc.StatusCode]:
+    """Sends ``pcm`` at once, then keeps the stream open (like a live caller) until ``release`` is set."""
+
+    async def requests():
+        yield gateway_pb2.TranslateSpeechRequest(config=config())
+        for chunk in split_pcm(pcm, 100):
+            yield gateway_pb2.TranslateSpeechRequest(audio=chunk)
+        await release.wait()
+
+    collector = Collector()
+    async with grpc.aio.insecure_channel(cluster.gateway) as channel:
+        call = gateway_pb2_grpc.GatewayStub(channel).TranslateSpeech(requests())
+        async for event in call:
+            collector.add(event)
+        return collector, await call.code()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("cluster", "budget_s", "finished"),
+    [({"stt_delay_s": 0.2}, 20.0, True), ({"stt_delay_s": 60.0}, 0.5, False)],
+    indirect=["cluster"],
+    ids=["utterances-finish", "grace-runs-out"],
+)
+async def test_drain_ends_live_streams_with_every_utterance_answered(cluster, budget_s, finished):
+    """On SIGTERM the gateway ends open streams itself: each detected utterance gets a result or an error."""
+    release = asyncio.Event()
+    stream = asyncio.ensure_future(_held_stream(cluster, speech(1.0, 1.0, 1.0), release))
+    await asyncio.wait_for(_until(lambda: len(cluster.stt.log) >= 2 or cluster.stt.called.is_set()), 20)
+    await asyncio.sleep(0.5)  # the third utterance is detected
+    await cluster.servicer.drain(budget_s + 1.0)  # the servicer keeps 1 s of the grace for sending
+    collector, code = await asyncio.wait_for(stream, 20)
+    release.set()
+    assert code == grpc.StatusCode.OK and collector.end is not None
+    started = {i for i, kind in collector.events if kind == "speech_started"}
+    assert started and collector.end.utterances == len(started)
+    for i in started:
+        u = collector.utterances[i]
+        if finished:
+            assert u.transcript == "words 1" and not u.errors, (i, u.transcript, u.errors)
+        else:
+            assert u.transcript or [e["code"] for e in u.errors] == [14], (i, u.errors)
+    if not finished:
+        assert any(e["stage"] == "gateway" for u in collector.utterances.values() for e in u.errors)
+
+
 EXPECTED_ORDER = ["speech_started", "transcript", "translation", "audio", "audio", "timings"]
 
 
