@@ -158,7 +158,8 @@ def main() -> None:
             for name, values in (("transcript", tally.to_transcript_s), ("first audio", tally.to_audio_s)):
                 print(
                     f"end of speech -> {name:<11}: p50 {_pct(values, 50):.2f} s, "
-                    f"p95 {_pct(values, 95):.2f} s, max {max(values, default=float('nan')):.2f} s (n={len(values)})"
+                    f"p95 {_pct(values, 95):.2f} s, max {max(values, default=float('nan')):.2f} s "
+                    f"(n={len(values)})"
                 )
             print(f"{'server':>9} {'RSS start':>9} {'RSS end':>8} {'growth':>8} {'per min':>8}  (MiB)")
             for stage in STAGES:
