@@ -27,7 +27,7 @@ from tests.helpers import read_manifest, read_wav, start_server
 
 pytestmark = pytest.mark.timeout(180)
 
-DRAIN_DELAY_S = 1.0
+DRAIN_DELAY_S = 3.0  # long enough for a health check to see NOT_SERVING on a loaded 2-core machine
 
 InFlight = Callable[[grpc.aio.Channel], Awaitable[Awaitable[None]]]
 

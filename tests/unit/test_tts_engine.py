@@ -182,17 +182,28 @@ async def test_stream_yields_sentences_in_order_with_is_last(voices):
     assert all(t.startswith("piper-en") for t in piper_en.threads)  # ran on the voice's pool, not the loop
 
 
+class GatedVoice(FakeVoice):
+    """Speaks the first sentence at once; every later one waits until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__("gated", "en", PIPER)
+        self.gate = threading.Event()
+
+    def synthesize(self, text: str, rate: float) -> np.ndarray:
+        if self.calls:
+            assert self.gate.wait(30), "the gate was never opened"
+        return super().synthesize(text, rate)
+
+
 async def test_stream_first_chunk_before_the_rest_is_done():
-    slow = FakeVoice("slow", "en", PIPER, delay_s=0.2)
-    engine = make_engine(slow)
-    started = time.perf_counter()
+    voice = GatedVoice()
+    engine = make_engine(voice)
     stream = engine.synthesize_stream("One. Two. Three. Four.", "en")
-    await stream.__anext__()
-    first_s = time.perf_counter() - started
+    first = await asyncio.wait_for(stream.__anext__(), 30)  # while sentence two is still held back
+    assert first[0] == "One." and not voice.gate.is_set()
+    voice.gate.set()
     rest = [c async for c in stream]
-    total_s = time.perf_counter() - started
     assert len(rest) == 3
-    assert first_s < 0.35 < total_s
 
 
 async def test_stream_validates_before_first_sentence(voices):
