@@ -220,7 +220,7 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
     if config.ready_file:
         await asyncio.to_thread(_write_atomically, Path(config.ready_file), address)
     transport = "mutual TLS" if config.tls_client_ca_file else "TLS" if credentials else "plaintext"
-    access = "no authentication" if tokens is None else f"{len(tokens)} bearer tokens"
+    access = "no authentication" if tokens is None else f"bearer tokens: {len(tokens)}"
     logger.info("%s: ready, SERVING on %s (%s, %s)", stage.name, address, transport, access)
 
     stop = stop or asyncio.Event()

@@ -127,7 +127,8 @@ def client_tls(
     """
     if not ca_file:
         if cert_file or key_file or server_name:
-            raise ConfigError(f"{flag_prefix}cert-file, key-file and server-name need {flag_prefix}ca-file")
+            p = flag_prefix
+            raise ConfigError(f"{p}cert-file, {p}key-file and {p}server-name need {p}ca-file (TLS)")
         return None
     if bool(cert_file) != bool(key_file):
         raise ConfigError(f"{flag_prefix}cert-file and {flag_prefix}key-file go together")

@@ -224,7 +224,7 @@ async def test_a_known_token_reaches_the_tls_vad_stage_through_the_gateway(pki, 
     kinds = [r.WhichOneof("event") for r in responses]
     assert kinds == ["end_of_stream"], responses  # no error event: the VAD stage answered over mutual TLS
     assert responses[-1].end_of_stream.utterances == 0
-    assert "(TLS, 2 bearer tokens)" in gateway.log()
+    assert "(TLS, bearer tokens: 2)" in gateway.log()
 
 
 async def test_reflection_stays_open_without_a_token(pki, gateway):
