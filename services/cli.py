@@ -4,6 +4,8 @@
 - ``parley up``: the five servers as local processes, each SERVING before it is reported; Ctrl-C stops all.
 - ``parley health HOST:PORT [--service NAME]``: exit code 0 only when the server reports SERVING.
 - ``parley translate-speech INPUT --source fr --target en``: streams an audio file through the gateway.
+- ``health``, ``translate-speech`` and ``subtitles`` talk TLS with ``--tls-ca-file`` (mutual TLS with
+  ``--tls-cert-file`` and ``--tls-key-file``); the last two send ``--token`` (env ``PARLEY_TOKEN``).
 - ``parley demo [--input FILE]``: starts a cluster, translates a sample it makes itself, stops the cluster.
 - ``parley subtitles INPUT --target en [-o out.srt] [--vtt out.vtt]``: subtitles for an audio or video file.
 - ``parley doctor [--only vad stt translate piper espeak]``: a smoke inference of every bundled model, each in
@@ -33,7 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.config import ConfigError
 from services.common.processes import describe_exit
+from services.common.tls import ClientTls, client_tls
 
 STAGES = ("vad", "stt", "translate", "tts", "gateway")
 BACKENDS = ("vad", "stt", "translate", "tts")
@@ -59,15 +63,66 @@ def _serve(argv: Sequence[str]) -> int:
     return 0
 
 
+# -- client TLS and token -------------------------------------------------------------------------------
+
+
+def add_client_security_args(parser: argparse.ArgumentParser, *, token: bool = True) -> None:
+    """Adds the flags of a client's TLS (``--tls-*``) and, unless ``token`` is false, ``--token``."""
+    parser.add_argument(
+        "--tls-ca-file",
+        default="",
+        help="PEM CA bundle that verifies the server; set: TLS (default: plaintext)",
+    )
+    parser.add_argument("--tls-cert-file", default="", help="PEM client certificate, for a mutual-TLS server")
+    parser.add_argument("--tls-key-file", default="", help="PEM private key of --tls-cert-file")
+    parser.add_argument(
+        "--tls-server-name", default="", help="name the server's certificate must carry; default: the host"
+    )
+    if token:
+        parser.add_argument(
+            "--token",
+            default=os.environ.get("PARLEY_TOKEN", ""),
+            help="bearer token for the gateway; default: env PARLEY_TOKEN, else none",
+        )
+
+
+def client_security(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ClientTls | None:
+    """The TLS settings of :func:`add_client_security_args`'s flags; a usage error when they do not fit."""
+    try:
+        return client_tls(
+            args.tls_ca_file,
+            args.tls_cert_file,
+            args.tls_key_file,
+            args.tls_server_name,
+            flag_prefix="--tls-",
+        )
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
 # -- health --------------------------------------------------------------------------------------------
 
 
-def check_health(address: str, service: str = "", timeout_s: float = 3.0) -> str:
-    """The ``grpc.health.v1`` status name of ``service`` at ``address`` (or the error code's name)."""
+def check_health(
+    address: str, service: str = "", timeout_s: float = 3.0, tls: ClientTls | None = None
+) -> str:
+    """The ``grpc.health.v1`` status name of ``service`` at ``address`` (or the error code's name).
+
+    Args:
+        address: ``host:port`` of the server.
+        service: Service name to check; empty for the whole server.
+        timeout_s: Call timeout, in seconds.
+        tls: How to verify the server; ``None``: plaintext.
+
+    Raises:
+        ConfigError: A TLS file cannot be read or holds no PEM certificate (key).
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from services.common.tls import open_sync_channel
+
+    with open_sync_channel(address, tls) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -82,8 +137,13 @@ def _health(argv: Sequence[str]) -> int:
     parser.add_argument("address", help="host:port of a Parley server")
     parser.add_argument("--service", default="", help="service name to check; empty for the whole server")
     parser.add_argument("--timeout", type=float, default=3.0, help="call timeout, in seconds")
+    add_client_security_args(parser, token=False)
     args = parser.parse_args(argv)
-    status = check_health(args.address, args.service, args.timeout)
+    try:
+        status = check_health(args.address, args.service, args.timeout, client_security(parser, args))
+    except ConfigError as exc:
+        _out(f"parley health: {exc}", sys.stderr)
+        return 2
     _out(status)
     return 0 if status == "SERVING" else 1
 
@@ -327,8 +387,13 @@ async def translate_file(
     interim: bool = False,
     live: bool = True,
     timeout_s: float | None = None,
+    tls: ClientTls | None = None,
+    token: str = "",
 ) -> dict:
-    """Streams 16 kHz PCM_S16LE mono through the gateway; returns the JSON document of the results."""
+    """Streams 16 kHz PCM_S16LE mono through the gateway; returns the JSON document of the results.
+
+    ``tls`` verifies the gateway (``None``: plaintext); ``token`` is sent as a bearer token (empty: none).
+    """
     from parley.audio.v1 import audio_pb2
     from parley.gateway.v1 import gateway_pb2
     from services.gateway.client import Collector, GatewayClient, paced, split_pcm
@@ -348,7 +413,7 @@ async def translate_file(
     audio = paced(chunks) if realtime else chunks
     collector = Collector()
     started = time.monotonic()
-    async with GatewayClient(server) as client:
+    async with GatewayClient(server, tls=tls, token=token) as client:
         async for event in client.translate_speech(config, audio, timeout_s=timeout_s):
             result = collector.add(event)
             kind = event.WhichOneof("event")
@@ -409,7 +474,9 @@ def _translate_speech_args(parser: argparse.ArgumentParser, input_required: bool
     parser.add_argument("--timeout", type=float, default=None, help="call deadline, in seconds")
 
 
-def _run_translate(args: argparse.Namespace, server: str, input_path: str) -> int:
+def _run_translate(
+    args: argparse.Namespace, server: str, input_path: str, tls: ClientTls | None = None, token: str = ""
+) -> int:
     import grpc
 
     pcm = decode_audio(input_path)
@@ -426,11 +493,16 @@ def _run_translate(args: argparse.Namespace, server: str, input_path: str) -> in
                 interim=args.interim,
                 live=not args.json,
                 timeout_s=args.timeout,
+                tls=tls,
+                token=token,
             )
         )
     except grpc.aio.AioRpcError as exc:
         _out(f"translate-speech: {exc.code().name}: {exc.details()}", sys.stderr)
         return 1
+    except ConfigError as exc:
+        _out(f"translate-speech: {exc}", sys.stderr)
+        return 2
     audio, rate = doc.pop("_audio"), doc.pop("_audio_rate_hz")
     if audio and rate:
         write_wav(args.out, audio, rate)
@@ -449,8 +521,9 @@ def _translate_speech(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="parley translate-speech", description="Translate an audio file.")
     _translate_speech_args(parser)
     parser.add_argument("--server", default=DEFAULT_SERVER, help="gateway host:port")
+    add_client_security_args(parser)
     args = parser.parse_args(argv)
-    return _run_translate(args, args.server, args.input)
+    return _run_translate(args, args.server, args.input, client_security(parser, args), args.token)
 
 
 # -- demo ----------------------------------------------------------------------------------------------

@@ -38,6 +38,31 @@ class ServerConfig:
     log_level: str = option("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
     max_message_mb: int = option(64, "Largest gRPC message accepted or sent, in MiB.")
     ready_file: str = option("", "Once SERVING, write 'host:port' to this file (for supervisors).")
+    tls_cert_file: str = option(
+        "", "PEM certificate chain this server presents; with --tls-key-file: TLS. Empty: plaintext."
+    )
+    tls_key_file: str = option("", "PEM private key of --tls-cert-file (unencrypted).")
+    tls_client_ca_file: str = option(
+        "",
+        "PEM CA bundle client certificates must chain to; set: mutual TLS, a client without such a "
+        "certificate is refused at the handshake. Empty: no client certificate asked for.",
+    )
+    auth_tokens_file: str = option(
+        "",
+        "File of the bearer tokens accepted: one 'token' or 'name:token' a line, '#' starts a comment "
+        "line. With tokens (here or --auth-tokens), a call without 'authorization: Bearer <token>' is "
+        "refused; health is always open. Empty and no --auth-tokens: no authentication.",
+    )
+    auth_tokens: tuple[str, ...] = option(
+        (), "Bearer tokens accepted, comma-separated 'token' or 'name:token' (prefer the env var or a file)."
+    )
+    auth_reflection_open: bool = option(
+        True, "With tokens, serve reflection without one (it lists the API, no data); false: token needed."
+    )
+
+
+class ConfigError(ValueError):
+    """A setting is invalid, or names a file the server cannot use; raised at start-up, before serving."""
 
 
 def env_var(field_name: str) -> str:

@@ -1,7 +1,8 @@
 """The one way to run a stage server.
 
-Loads and warms the model, serves gRPC with health and reflection, maps errors to status codes, exports
-metrics, and drains gracefully on SIGTERM.
+Loads and warms the model, serves gRPC with health and reflection (plaintext, TLS or mutual TLS, and bearer
+tokens when configured: :mod:`services.common.tls`, :mod:`services.common.auth`), maps errors to status
+codes, exports metrics, and drains gracefully on SIGTERM.
 
 Start-up order (grpc ``examples/python/helloworld/async_greeter_server_with_graceful_shutdown.py``):
 load and warm the engine on a worker thread, add the servicers, ``grpc.health.v1`` and reflection, start,
@@ -27,9 +28,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
-from services.common.config import ServerConfig
+from services.common.auth import TokenAuthInterceptor, load_tokens
+from services.common.config import ConfigError, ServerConfig
 from services.common.errors import ParleyError
 from services.common.telemetry import server_interceptors, setup_tracing
+from services.common.tls import server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -171,16 +174,25 @@ class Stage(Generic[C, E]):
 async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = None) -> None:
     """Serves ``stage`` until SIGTERM or SIGINT (or until ``stop`` is set), then drains.
 
+    TLS (``--tls-*``) and tokens (``--auth-*``) are checked before the model loads, so a bad setting fails
+    at once.
+
     Raises:
+        ConfigError: A TLS or token setting is invalid, or names a file that cannot be used.
         OSError: When the port cannot be bound.
     """
+    credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    tokens = load_tokens(config.auth_tokens_file, config.auth_tokens)
+    auth = (
+        [] if tokens is None else [TokenAuthInterceptor(tokens, reflection_open=config.auth_reflection_open)]
+    )
     started = time.perf_counter()
     engine = await asyncio.to_thread(stage.load, config)
     logger.info("%s: model loaded and warmed in %.1f s", stage.name, time.perf_counter() - started)
 
     max_bytes = config.max_message_mb * 1024 * 1024
     server = grpc.aio.server(
-        interceptors=[*server_interceptors(), StatusMappingInterceptor()],
+        interceptors=[*server_interceptors(), *auth, StatusMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
@@ -198,7 +210,10 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
         ),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    bind = f"{config.host}:{config.port}"
+    port = (
+        server.add_insecure_port(bind) if credentials is None else server.add_secure_port(bind, credentials)
+    )
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)
     await server.start()
@@ -207,7 +222,9 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
     address = f"{config.host}:{port}"
     if config.ready_file:
         await asyncio.to_thread(_write_atomically, Path(config.ready_file), address)
-    logger.info("%s: ready, SERVING on %s", stage.name, address)
+    transport = "mutual TLS" if config.tls_client_ca_file else "TLS" if credentials else "plaintext"
+    access = "no authentication" if tokens is None else f"bearer tokens: {len(tokens)}"
+    logger.info("%s: ready, SERVING on %s (%s, %s)", stage.name, address, transport, access)
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -228,11 +245,18 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
 
 
 def run(stage: Stage[C, E], config: C) -> None:
-    """Configures logging and serves ``stage`` in a new event loop; the body of every ``__main__``."""
+    """Configures logging and serves ``stage`` in a new event loop; the body of every ``__main__``.
+
+    Raises:
+        SystemExit: With code 2 on a :class:`ConfigError` (logged as one line, without a traceback).
+    """
     configure_logging(config.log_level)
     provider = setup_tracing(stage.name)
     try:
         asyncio.run(serve(stage, config))
+    except ConfigError as exc:
+        logger.error("%s: cannot start: %s", stage.name, exc)
+        raise SystemExit(2) from None
     finally:
         if provider is not None:
             provider.shutdown()

@@ -2,7 +2,7 @@
 
 Example::
 
-    async with GatewayClient("127.0.0.1:50051") as client:
+    async with GatewayClient("gateway.example:50051", tls=ClientTls("ca.pem"), token=token) as client:
         config = gateway_pb2.TranslateSpeechConfig(source_language="fr", target_language="en", ...)
         async for event in client.translate_speech(config, chunks):
             ...
@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 
 from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.auth import bearer_metadata
+from services.common.tls import ClientTls, open_channel
 
 
 async def _chunks(audio: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
@@ -58,12 +60,19 @@ class GatewayClient:
 
     Args:
         target: ``host:port`` of the gateway, or an open ``grpc.aio.Channel`` (not closed by the client).
+        tls: How to verify the gateway (and present a client certificate) when ``target`` is an address;
+            ``None``: plaintext.
+        token: Bearer token sent with every call (``authorization`` metadata); empty: none.
+
+    Raises:
+        ConfigError: A TLS file cannot be read or holds no PEM certificate (key).
     """
 
-    def __init__(self, target: str | grpc.aio.Channel):
+    def __init__(self, target: str | grpc.aio.Channel, *, tls: ClientTls | None = None, token: str = ""):
         self._own = isinstance(target, str)
-        self.channel = grpc.aio.insecure_channel(target) if isinstance(target, str) else target
+        self.channel = open_channel(target, tls) if isinstance(target, str) else target
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        self._auth = bearer_metadata(token)
 
     async def __aenter__(self) -> GatewayClient:
         return self
@@ -90,7 +99,8 @@ class GatewayClient:
             Every response, in the order the gateway sends them; EndOfStream last.
 
         Raises:
-            grpc.aio.AioRpcError: The call failed (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED).
+            grpc.aio.AioRpcError: The call failed (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED;
+                UNAUTHENTICATED without a token, PERMISSION_DENIED with one the gateway does not accept).
         """
 
         async def requests() -> AsyncIterator[gateway_pb2.TranslateSpeechRequest]:
@@ -98,7 +108,9 @@ class GatewayClient:
             async for chunk in _chunks(audio):
                 yield gateway_pb2.TranslateSpeechRequest(audio=chunk)
 
-        call = self.stub.TranslateSpeech(requests(), timeout=timeout_s, metadata=metadata)
+        call = self.stub.TranslateSpeech(
+            requests(), timeout=timeout_s, metadata=(*self._auth, *(metadata or ()))
+        )
         try:
             async for response in call:
                 yield response

@@ -1,4 +1,4 @@
-"""Gateway settings: where the stages listen, stream limits, and the resilience policy."""
+"""Gateway settings: where the stages listen and how to reach them, stream limits, the resilience policy."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ class GatewayConfig(ServerConfig):
         f"127.0.0.1:{DEFAULT_PORTS['translate']}", "host:port of the translation server."
     )
     tts_address: str = option(f"127.0.0.1:{DEFAULT_PORTS['tts']}", "host:port of the text-to-speech server.")
+    stage_tls_ca_file: str = option(
+        "", "PEM CA bundle that verifies the stage servers; set: TLS to the stages. Empty: plaintext."
+    )
+    stage_tls_cert_file: str = option(
+        "", "PEM client certificate chain presented to the stages (their --tls-client-ca-file: mutual TLS)."
+    )
+    stage_tls_key_file: str = option("", "PEM private key of --stage-tls-cert-file (unencrypted).")
+    stage_tls_server_name: str = option(
+        "", "Name checked against every stage's certificate instead of its address's host; empty: the host."
+    )
     max_streams: int = option(16, "Concurrent TranslateSpeech streams; past it, RESOURCE_EXHAUSTED at once.")
     max_buffer_s: float = option(60.0, "Audio kept per stream to cut utterances from, in seconds.")
     max_pending_utterances: int = option(

