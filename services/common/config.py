@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's keyword
-    """A dataclass field with its help text (say the unit)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default: Any, help: str, *, secret: bool = False) -> Any:  # noqa: A002 - argparse's keyword
+    """A dataclass field with its help text (say the unit); a ``secret`` one never shows its value in --help."""
+    return dataclasses.field(default=default, metadata={"help": help, "secret": secret})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,9 @@ class ServerConfig:
         "refused; health is always open. Empty and no --auth-tokens: no authentication.",
     )
     auth_tokens: tuple[str, ...] = option(
-        (), "Bearer tokens accepted, comma-separated 'token' or 'name:token' (prefer the env var or a file)."
+        (),
+        "Bearer tokens accepted, comma-separated 'token' or 'name:token' (prefer the env var or a file).",
+        secret=True,
     )
     auth_reflection_open: bool = option(
         True, "With tokens, serve reflection without one (it lists the API, no data); false: token needed."
@@ -138,6 +140,7 @@ def load_config(
         description=(cls.__doc__ or "").strip(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    secrets: dict[str, Any] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         tp = hints[field.name]
         default = field.default
@@ -150,10 +153,14 @@ def load_config(
                 parser.error(f"{env_var(field.name)}: {exc}")
         base, _ = _base_type(tp)
         choices = [m.value for m in base] if isinstance(base, type) and issubclass(base, enum.Enum) else None
+        if field.metadata.get("secret"):
+            secrets[field.name] = default
+            default = None  # the value itself stays out of --help
+            help_text += " Its value is never shown here."
         parser.add_argument(
             flag(field.name),
             dest=field.name,
-            default=_show(default) if default is not None else "",
+            default=_show(default) if default is not None else None if field.name in secrets else "",
             metavar=field.name.upper(),
             choices=choices,
             help=help_text,
@@ -161,8 +168,12 @@ def load_config(
     args = parser.parse_args(argv)
     values = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        raw = getattr(args, field.name)
+        if raw is None and field.name in secrets:
+            values[field.name] = secrets[field.name]
+            continue
         try:
-            values[field.name] = _parse_value(hints[field.name], getattr(args, field.name))
+            values[field.name] = _parse_value(hints[field.name], raw)
         except ValueError as exc:
             parser.error(f"{flag(field.name)}: {exc}")
     return cls(**values)

@@ -199,3 +199,15 @@ async def test_reflection_is_open_by_default():
     interceptor = TokenAuthInterceptor(Tokens([("alice", "tok-a")]))
     method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
     assert await run_call(interceptor, method, (), "ipv4:10.0.0.6:6") == "ipv4:10.0.0.6:6"
+
+
+def test_tokens_from_the_environment_never_show_in_help(capsys):
+    from services.common.config import load_config
+    from services.vad.config import VadConfig
+
+    env = {"PARLEY_AUTH_TOKENS": "alice:s3cret-value"}
+    assert load_config(VadConfig, [], env=env).auth_tokens == ("alice:s3cret-value",)
+    assert load_config(VadConfig, ["--auth-tokens", "bob:other"], env=env).auth_tokens == ("bob:other",)
+    with pytest.raises(SystemExit):
+        load_config(VadConfig, ["--help"], env=env)
+    assert "s3cret-value" not in capsys.readouterr().out
