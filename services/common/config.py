@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 def option(default: Any, help: str, *, secret: bool = False) -> Any:  # noqa: A002 - argparse's keyword
-    """A dataclass field with its help text (say the unit); a ``secret`` one never shows its value in --help."""
+    """A dataclass field with its help text (say the unit); ``secret``: its value never shows in --help."""
     return dataclasses.field(default=default, metadata={"help": help, "secret": secret})
 
 
