@@ -362,10 +362,15 @@ async def test_protocol_errors_end_the_stream_with_invalid_argument_while_others
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     assert "before the config" in await _expect_code(cluster.gateway, [audio], invalid)
     assert "second config" in await _expect_code(cluster.gateway, [cfg, audio, cfg], invalid)
-    bad_format = gateway_pb2.TranslateSpeechRequest(
+    undefined = gateway_pb2.TranslateSpeechRequest(
         config=config(input_format=audio_pb2.AudioFormat(encoding=7, sample_rate_hz=RATE))
     )
-    assert "unknown audio encoding" in await _expect_code(cluster.gateway, [bad_format], invalid)
+    details = await _expect_code(cluster.gateway, [undefined], invalid)
+    assert "config.input_format.encoding 7 is not defined" in details
+    unspecified = gateway_pb2.TranslateSpeechRequest(
+        config=config(input_format=audio_pb2.AudioFormat(sample_rate_hz=RATE))
+    )
+    assert "unknown audio encoding" in await _expect_code(cluster.gateway, [unspecified], invalid)
     direct_fr = gateway_pb2.TranslateSpeechRequest(
         config=config(mode=gateway_pb2.DIRECT, target_language="fr")
     )
