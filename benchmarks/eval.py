@@ -232,7 +232,7 @@ async def _subtitles(addresses: dict[str, str]) -> list[dict[str, Any]]:
         lj = gap + gap.join(_pcm(r["path"]) for r in lj_rows) + gap
         inputs.append((f"LJSpeech, all {len(lj_rows)} recordings concatenated", lj, "en", ""))
         for name, pcm, source, target in inputs:
-            audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+            audio = np.frombuffer(pcm, dtype="<i2")
             started = time.perf_counter()
             result = await job.run(audio, source_language=source, target_language=target)
             wall_s = time.perf_counter() - started

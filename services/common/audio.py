@@ -23,6 +23,10 @@ SAMPLE_RATE_HZ = 16000  # what VAD and Whisper take: 16 kHz mono
 MIN_SAMPLE_RATE_HZ = 8000
 MAX_SAMPLE_RATE_HZ = 192000
 MAX_CHANNELS = 8
+# Largest PCM_F32LE magnitude accepted: full scale is 1.0; the margin lets through the rounding of integer
+# audio converted to float (x / 32767 and the like), not overshoots. Huge values would cost the models
+# seconds of CPU per request, so anything beyond is refused.
+MAX_F32_MAGNITUDE = 1.0001
 
 
 def check_format(encoding: int, sample_rate_hz: int, channels: int) -> int:
@@ -51,8 +55,15 @@ def _to_float(data: bytes, encoding: int, channels: int) -> np.ndarray:
         samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
     else:
         samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
-        if not np.isfinite(samples).all():
-            raise InvalidArgument("PCM_F32LE audio contains NaN or infinite samples")
+        within = np.abs(samples) <= MAX_F32_MAGNITUDE  # False for NaN as well
+        if not within.all():
+            bad = float(samples[np.argmin(within)])
+            if not np.isfinite(bad):
+                raise InvalidArgument("PCM_F32LE audio contains NaN or infinite samples")
+            raise InvalidArgument(
+                f"PCM_F32LE sample {bad:g} is outside [-1, 1]: float audio is full scale at 1.0; "
+                "scale or clip it before sending"
+            )
     if channels > 1:
         samples = samples.reshape(-1, channels).mean(axis=1)
     return samples
@@ -82,7 +93,8 @@ def decode_pcm(
 
     Raises:
         InvalidArgument: Empty audio, a bad format, a byte count that is not a whole number of frames,
-            NaN or infinite floats, or audio longer than ``max_duration_s``.
+            NaN, infinite or out-of-range floats (beyond ``MAX_F32_MAGNITUDE``), or audio longer than
+            ``max_duration_s``.
     """
     channels = check_format(encoding, sample_rate_hz, channels)
     if not data:
@@ -116,7 +128,8 @@ class PcmStream:
         target_rate_hz: Rate of the decoded audio, in Hz.
 
     Raises:
-        InvalidArgument: From the constructor on a bad format; from :meth:`push` on NaN or infinite floats.
+        InvalidArgument: From the constructor on a bad format; from :meth:`push` on NaN, infinite or
+            out-of-range floats (beyond ``MAX_F32_MAGNITUDE``).
     """
 
     def __init__(self, encoding: int, sample_rate_hz: int, channels: int, *, target_rate_hz: int):

@@ -31,6 +31,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 from services.common.auth import TokenAuthInterceptor, load_tokens
 from services.common.config import ConfigError, ServerConfig
 from services.common.errors import ParleyError
+from services.common.messages import accepted, accepted_stream, checked_deserializer
 from services.common.telemetry import server_interceptors, setup_tracing
 from services.common.tls import server_credentials
 
@@ -68,7 +69,9 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions raised by servicers to gRPC status codes, and counts and times every call.
 
     :class:`ParleyError` subclasses become their status code with their message; any other exception
-    becomes INTERNAL and is logged with its traceback. Health and reflection calls pass through untouched.
+    becomes INTERNAL and is logged with its traceback. A request message that does not decode, or that holds
+    an undefined enum value, becomes INVALID_ARGUMENT (:mod:`services.common.messages`). Health and
+    reflection calls pass through untouched.
     """
 
     async def intercept_service(
@@ -81,6 +84,8 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc."):
             return handler
+        request_deserializer = checked_deserializer(handler.request_deserializer, method)
+        accept = accepted_stream if handler.request_streaming else accepted
 
         async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
             code, details = _status(exc)
@@ -100,7 +105,7 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 start = time.perf_counter()
                 try:
-                    response = await behavior(request, context)
+                    response = await behavior(accept(request), context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - every error gets a status code, once, here
@@ -115,7 +120,7 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
             )
             return factory(
                 unary_response,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=request_deserializer,
                 response_serializer=handler.response_serializer,
             )
 
@@ -124,7 +129,7 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
         async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(accept(request), context):
                     yield response
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
@@ -139,7 +144,7 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
         )
         return factory(
             stream_response,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=request_deserializer,
             response_serializer=handler.response_serializer,
         )
 

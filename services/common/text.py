@@ -17,6 +17,10 @@ _ABBREVIATIONS = frozenset(
 )
 
 
+# The shape of a BCP-47 tag as the stages take it: a 2-3 letter language, then subtags joined by "-" or "_".
+LANGUAGE_TAG = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*$")
+
+
 def primary_language(tag: str) -> str:
     """Primary subtag of a BCP-47 tag, lower case: "en-US" -> "en", "pt_BR" -> "pt"."""
     return tag.replace("_", "-").split("-")[0].lower()

@@ -5,13 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import ServerConfig, option
+from services.common.streams import StreamLimitsConfig
 
 DEFAULT_PORTS = {"gateway": 50051, "vad": 50052, "stt": 50053, "translate": 50054, "tts": 50055}
 
 
 @dataclass(frozen=True)
-class GatewayConfig(ServerConfig):
-    """Gateway: live speech translation across the VAD, STT, translation and TTS services."""
+class GatewayConfig(StreamLimitsConfig, ServerConfig):
+    """Gateway: live speech translation across the VAD, STT, translation and TTS services.
+
+    Both RPCs read a client stream: each is bounded by ``stream_idle_timeout_s`` and
+    ``max_stream_duration_s`` (:class:`StreamLimitsConfig`); TranslateSpeech by ``max_streams`` and
+    ``max_streams_per_caller``, TranslateFile by ``max_file_jobs`` and ``max_file_s``.
+    """
 
     vad_address: str = option(f"127.0.0.1:{DEFAULT_PORTS['vad']}", "host:port of the VAD server.")
     stt_address: str = option(f"127.0.0.1:{DEFAULT_PORTS['stt']}", "host:port of the speech-to-text server.")
@@ -30,6 +36,25 @@ class GatewayConfig(ServerConfig):
         "", "Name checked against every stage's certificate instead of its address's host; empty: the host."
     )
     max_streams: int = option(16, "Concurrent TranslateSpeech streams; past it, RESOURCE_EXHAUSTED at once.")
+    max_streams_per_caller: int = option(
+        4,
+        "Concurrent TranslateSpeech streams of one caller (the peer address's host: callers behind one proxy "
+        "or NAT share it); past it, RESOURCE_EXHAUSTED at once; 0 for no per-caller limit.",
+    )
+    max_file_jobs: int = option(
+        2,
+        "Concurrent TranslateFile calls (each holds its whole recording, 16 kHz 16-bit: 115 MB an hour); "
+        "past it, RESOURCE_EXHAUSTED at once.",
+    )
+    max_file_s: float = option(
+        3 * 3600.0,
+        "Longest recording TranslateFile accepts, in seconds (default 3 h); past it, INVALID_ARGUMENT.",
+    )
+    catalog_ttl_s: float = option(
+        60.0,
+        "How long the voices (TTS ListVoices) and language pairs (ListLanguagePairs) that a stream's config "
+        "is checked against are cached, in seconds.",
+    )
     max_buffer_s: float = option(60.0, "Audio kept per stream to cut utterances from, in seconds.")
     max_pending_utterances: int = option(
         4, "Utterances per stream detected but not yet sent back; past it, audio intake waits (backpressure)."

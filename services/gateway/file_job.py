@@ -2,7 +2,7 @@
 
 Pipeline (one :class:`FileTranslator` call)::
 
-    16 kHz audio -> VAD Detect (windows of vad_window_s) -> speech segments
+    16 kHz PCM_S16LE audio -> VAD Detect (windows of vad_window_s) -> speech segments
     segments -> chunks: neighbours merged while the stretch stays under max_chunk_s and no pause inside
                 exceeds max_pause_s (one Whisper window each; one encoder pass instead of one per segment)
     chunks -> STT Transcribe(word_timestamps) : the longest first when the language must be detected (its
@@ -14,6 +14,10 @@ Pipeline (one :class:`FileTranslator` call)::
 
 It needs only the three stubs (``grpc.aio`` stubs or anything with the same awaitable methods), so the gateway
 servicer exposes it in a few lines and the ``parley subtitles`` command can run it in-process too.
+
+Memory: the whole recording is held as 16-bit PCM at 16 kHz (115 MB an hour, half of float32), received
+into one growing buffer (no list of parts concatenated at the end, which would double the peak), and refused
+as soon as it passes ``max_audio_s``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from parley.stt.v1 import stt_pb2
 from parley.translate.v1 import translate_pb2
 from parley.vad.v1 import vad_pb2
 from services.common.audio import PcmStream, float_to_pcm16
+from services.common.config import flag
 from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -64,7 +69,7 @@ class FileJobSettings:
         translate_batch_texts: Most texts per Translate call.
         translate_batch_chars: Most characters per Translate call.
         vad_window_s: Audio per VAD Detect call, in seconds.
-        max_audio_s: Longest recording accepted, in seconds.
+        max_audio_s: Longest recording accepted, in seconds (the gateway's ``--max-file-s``).
         stage_timeout_s: Per-attempt timeout of each stage call, in seconds, instead of the live path's
             (a Translate call carries up to ``translate_batch_chars``); the caller's deadline also applies.
         rules: Subtitle layout rules.
@@ -76,7 +81,7 @@ class FileJobSettings:
     translate_batch_texts: int = 32
     translate_batch_chars: int = 6000
     vad_window_s: float = 600.0
-    max_audio_s: float = 4 * 3600.0
+    max_audio_s: float = 3 * 3600.0
     stage_timeout_s: float = 600.0
     rules: subs.LayoutRules = field(default_factory=subs.LayoutRules)
 
@@ -118,6 +123,17 @@ class FileResult:
 
 
 Progress = Callable[[str, float], None]
+
+
+def _pcm_bytes(samples: np.ndarray) -> bytes:
+    """int16 samples as PCM_S16LE bytes."""
+    return samples.astype("<i2", copy=False).tobytes()
+
+
+def _too_long(max_audio_s: float) -> InvalidArgument:
+    return InvalidArgument(
+        f"the recording is longer than the {max_audio_s:.0f} s accepted ({flag('max_file_s')}): split it"
+    )
 
 
 def _stage_error(stage: str, exc: BaseException) -> ParleyError:
@@ -226,7 +242,7 @@ class FileTranslator:
                 self.vad.Detect,
                 vad_pb2.DetectRequest(
                     request_id=request_id,
-                    audio=float_to_pcm16(piece),
+                    audio=_pcm_bytes(piece),
                     format=_PCM16_FORMAT,
                     parameters=params,
                 ),
@@ -249,7 +265,7 @@ class FileTranslator:
         piece = audio[chunk.start_ms * RATE_HZ // 1000 : chunk.end_ms * RATE_HZ // 1000]
         request = stt_pb2.TranscribeRequest(
             request_id=request_id,
-            audio=float_to_pcm16(piece),
+            audio=_pcm_bytes(piece),
             format=_PCM16_FORMAT,
             config=stt_pb2.RecognitionConfig(
                 language=language,
@@ -328,7 +344,7 @@ class FileTranslator:
         """Subtitles for one recording.
 
         Args:
-            audio: float32 in [-1, 1], shape (n_samples,), 16 kHz mono.
+            audio: int16 PCM samples, shape (n_samples,), 16 kHz mono.
             source_language: Spoken language (BCP-47); empty to detect it (on the longest chunk).
             target_language: Translation target (BCP-47); empty or the spoken language: no translation.
             beam_size: STT beam size; 0 for the server's default.
@@ -342,14 +358,15 @@ class FileTranslator:
         Raises:
             InvalidArgument: Audio longer than ``max_audio_s``, or a stage refused the request (bad language).
             Unavailable, ResourceExhausted, DeadlineExceeded: A stage failed or the deadline passed.
+            TypeError: ``audio`` is not int16 (float samples would be read as silence).
         """
+        if audio.dtype != np.int16:
+            raise TypeError(f"audio must be int16 PCM samples, not {audio.dtype}")
         deadline = deadline or Deadline(None)
         settings = self.settings
         duration_s = len(audio) / RATE_HZ
         if duration_s > settings.max_audio_s:
-            raise InvalidArgument(
-                f"the recording lasts {duration_s:.0f} s, more than the {settings.max_audio_s:.0f} s accepted"
-            )
+            raise _too_long(settings.max_audio_s)
         report = progress or (lambda stage, done_s: None)
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -434,34 +451,44 @@ class FileTranslator:
         )
 
     async def serve(
-        self, requests: AsyncIterator[gateway_pb2.TranslateFileRequest], deadline: Deadline
+        self,
+        requests: AsyncIterator[gateway_pb2.TranslateFileRequest],
+        deadline: Deadline,
+        *,
+        check: Callable[[gateway_pb2.TranslateFileConfig], Awaitable[None]] | None = None,
     ) -> AsyncIterator[gateway_pb2.TranslateFileResponse]:
         """The ``TranslateFile`` RPC: reads the config and the audio, yields progress events, then the result.
 
+        Args:
+            requests: The call's messages: the config, then audio.
+            deadline: The caller's deadline.
+            check: Awaited with the config before any audio is read; raises to refuse the call.
+
         Raises:
             InvalidArgument: No config first, a second config, an empty message, a bad audio format, or audio
-                longer than ``max_audio_s``; and the errors of :meth:`run`.
+                longer than ``max_audio_s``; and the errors of ``check`` and :meth:`run`.
         """
         first = await anext(aiter(requests), None)
         if first is None or first.WhichOneof("request") != "config":
             raise InvalidArgument("the first TranslateFile message must be a TranslateFileConfig; then audio")
         config = first.config
+        if check is not None:
+            await check(config)
         fmt = config.input_format
         pcm = PcmStream(fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=RATE_HZ)
-        parts: list[np.ndarray] = []
+        received = bytearray()
         async for message in requests:
             kind = message.WhichOneof("request")
             if kind == "config":
                 raise InvalidArgument("a second config message: send the config first, and only once")
             if kind != "audio":
                 raise InvalidArgument("empty TranslateFile message: set config (first message) or audio")
-            parts.append(pcm.push(message.audio))
+            samples = pcm.push(message.audio)
             if pcm.duration_s > self.settings.max_audio_s:
-                raise InvalidArgument(
-                    f"the recording is longer than the {self.settings.max_audio_s:.0f} s accepted"
-                )
-        parts.append(pcm.flush())
-        audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+                raise _too_long(self.settings.max_audio_s)
+            received += float_to_pcm16(samples)
+        received += float_to_pcm16(pcm.flush())
+        audio = np.frombuffer(received, dtype="<i2")  # a view: no second copy of the recording
         duration_s = len(audio) / RATE_HZ
         events: asyncio.Queue[gateway_pb2.TranslateFileResponse] = asyncio.Queue()
 

@@ -1,4 +1,4 @@
-"""The Gateway servicer: validates the stream's first message, enforces the stream limit, runs a session."""
+"""The Gateway servicer: admits a call (stream limits, config checks), then runs a session or a file job."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import grpc
 from prometheus_client import Gauge
 
 from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from services.common.audio import check_format
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import InvalidArgument
 from services.common.resilience import Deadline
+from services.common.streams import StreamSlots, bounded_requests, caller_key
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import Downstream
-from services.gateway.file_job import FileTranslator
+from services.gateway.file_job import FileJobSettings, FileTranslator
 from services.gateway.session import StreamSession
+from services.gateway.validation import StageCatalog, check_file_config, check_speech_config
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +31,29 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """``parley.gateway.v1.Gateway``.
 
     Args:
-        config: Gateway configuration (stream limit, buffers, resilience policy).
+        config: Gateway configuration (stream limits, buffers, resilience policy).
         downstream: Guarded stubs of the four stages.
     """
 
     def __init__(self, config: GatewayConfig, downstream: Downstream):
         self.config = config
         self.downstream = downstream
-        self.active = 0
+        self.streams = StreamSlots(
+            "TranslateSpeech",
+            config.max_streams,
+            "max_streams",
+            per_caller=config.max_streams_per_caller,
+            per_caller_field="max_streams_per_caller",
+        )
+        self.file_jobs = StreamSlots("TranslateFile", config.max_file_jobs, "max_file_jobs")
         self.sessions: set[StreamSession] = set()
+        self.catalog = StageCatalog(downstream, config.catalog_ttl_s)
         self.files = FileTranslator(
-            downstream.vad, downstream.stt, downstream.translation, guards=downstream.guards
+            downstream.vad,
+            downstream.stt,
+            downstream.translation,
+            FileJobSettings(max_audio_s=config.max_file_s),
+            guards=downstream.guards,
         )
 
     async def TranslateSpeech(
@@ -50,41 +63,42 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.TranslateSpeechResponse]:
         """Live speech translation; see ``gateway.proto`` and :mod:`services.gateway.session`.
 
+        The whole config is checked before the first audio is read (:mod:`services.gateway.validation`).
+
         Raises:
-            ResourceExhausted: ``max_streams`` streams are already open.
-            InvalidArgument: Audio before the config, a second config, an unknown encoding or a bad rate,
-                DIRECT mode into a language other than English.
+            ResourceExhausted: ``max_streams`` streams are open, or ``max_streams_per_caller`` of the
+                caller's.
+            InvalidArgument: Audio before the config, a second config, a malformed config (format, language
+                tags, output sample rate), DIRECT mode into a language other than English.
+            FailedPrecondition: A language pair or voice the cluster does not serve.
+            DeadlineExceeded: The client sent nothing for ``stream_idle_timeout_s``, or kept sending past
+                ``max_stream_duration_s``.
         """
-        if self.active >= self.config.max_streams:
-            raise ResourceExhausted(
-                f"the gateway serves at most {self.config.max_streams} streams at once: retry with backoff"
-            )
-        self.active += 1
-        ACTIVE_STREAMS.inc()
-        try:
-            first = await anext(aiter(request_iterator), None)
-            if first is None:
-                raise InvalidArgument(
-                    "the stream ended before its config: send a TranslateSpeechConfig first"
-                )
-            if first.WhichOneof("request") != "config":
-                raise InvalidArgument(
-                    "audio before the config: the first message must be a TranslateSpeechConfig"
-                )
-            fmt = first.config.input_format
-            check_format(fmt.encoding, fmt.sample_rate_hz, fmt.channels)
-            session = StreamSession(
-                self.config, self.downstream, first.config, Deadline.after(context.time_remaining())
-            )
-            self.sessions.add(session)
+        with self.streams.hold(caller_key(context)):
+            ACTIVE_STREAMS.inc()
             try:
-                async for response in session.run(request_iterator):
-                    yield response
+                requests = bounded_requests(request_iterator, self.config)
+                first = await anext(requests, None)
+                if first is None:
+                    raise InvalidArgument(
+                        "the stream ended before its config: send a TranslateSpeechConfig first"
+                    )
+                if first.WhichOneof("request") != "config":
+                    raise InvalidArgument(
+                        "audio before the config: the first message must be a TranslateSpeechConfig"
+                    )
+                deadline = Deadline.after(context.time_remaining())
+                mode = check_speech_config(first.config, self.config.direct_to_english)
+                await self.catalog.check_speech(first.config, mode, deadline)
+                session = StreamSession(self.config, self.downstream, first.config, deadline)
+                self.sessions.add(session)
+                try:
+                    async for response in session.run(requests):
+                        yield response
+                finally:
+                    self.sessions.discard(session)
             finally:
-                self.sessions.discard(session)
-        finally:
-            self.active -= 1
-            ACTIVE_STREAMS.dec()
+                ACTIVE_STREAMS.dec()
 
     async def drain(self, grace_s: float) -> None:
         """Ends every live stream cleanly within ``grace_s`` seconds (the server's drain hook, on SIGTERM).
@@ -100,6 +114,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         request_iterator: AsyncIterator[gateway_pb2.TranslateFileRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[gateway_pb2.TranslateFileResponse]:
-        """Subtitles for a whole recording; see ``gateway.proto`` and :mod:`services.gateway.file_job`."""
-        async for response in self.files.serve(request_iterator, Deadline.after(context.time_remaining())):
-            yield response
+        """Subtitles for a whole recording; see ``gateway.proto`` and :mod:`services.gateway.file_job`.
+
+        Raises:
+            ResourceExhausted: ``max_file_jobs`` calls are in progress.
+            InvalidArgument: No config first, a malformed config, a recording longer than ``max_file_s``.
+            FailedPrecondition: A language pair the translation server does not serve.
+            DeadlineExceeded: The client sent nothing for ``stream_idle_timeout_s``, or kept sending past
+                ``max_stream_duration_s``.
+        """
+        with self.file_jobs.hold():
+            deadline = Deadline.after(context.time_remaining())
+            requests = bounded_requests(request_iterator, self.config)
+
+            async def check(config: gateway_pb2.TranslateFileConfig) -> None:
+                check_file_config(config)
+                await self.catalog.check_file(config, deadline)
+
+            async for response in self.files.serve(requests, deadline, check=check):
+                yield response

@@ -199,7 +199,7 @@ async def _in_process(
             translate_pb2_grpc.TranslationStub(channels[2]),
         )
         result = await job.run(
-            samples.astype(np.float32) / 32768.0,
+            samples,
             source_language=_source(args.source),
             target_language=args.target,
             beam_size=args.beam_size,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from services.common.batching import BatchingConfig
 from services.common.config import ServerConfig, option
+from services.common.streams import StreamLimitsConfig
 
 # Whisper's best-known hallucinations on silence and noise: subtitle credits and video outros learnt from
 # the web captions it was trained on. Matched on normalised text (see services.stt.filters).
@@ -35,7 +36,7 @@ VOXTRAL_LANGUAGES = ("en", "es", "fr", "pt", "hi", "de", "nl", "it")
 
 
 @dataclass(frozen=True)
-class SttConfig(BatchingConfig, ServerConfig):
+class SttConfig(StreamLimitsConfig, BatchingConfig, ServerConfig):
     """Speech-to-text server: Whisper on CTranslate2, or an OpenAI-compatible endpoint (vLLM Voxtral).
 
     ``backend`` whisper (the default) decodes in this process; ``backend`` openai posts each request to a
@@ -46,7 +47,8 @@ class SttConfig(BatchingConfig, ServerConfig):
     through one dynamic batcher (:class:`BatchingConfig`), batched only with windows of the same bucket and
     decoding settings. The batcher's ``instance_count`` is the number of batches decoded at once
     (CTranslate2 ``inter_threads``, weights shared); its ``priority_levels`` is fixed at 3 (stream finals,
-    stream interims, Transcribe).
+    stream interims, Transcribe). StreamingRecognize calls are bounded by :class:`StreamLimitsConfig`
+    (streams at once, idle timeout, longest stream).
     """
 
     max_batch_size: int = option(8, "Most windows decoded in one batch (one encoder and decoder pass).")
@@ -133,7 +135,6 @@ class SttConfig(BatchingConfig, ServerConfig):
     max_utterance_s: float = option(
         30.0, "Streaming: an utterance this long is finalised even without a pause (Whisper's window), in s."
     )
-    max_streams: int = option(64, "Streaming calls served at once; more are refused with RESOURCE_EXHAUSTED.")
     backend: Backend = option(
         Backend.WHISPER,
         "whisper: faster-whisper in this process; openai: an OpenAI-compatible transcription endpoint "

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
@@ -50,7 +49,7 @@ from services.common.devices import check_device
 from services.common.errors import InvalidArgument
 from services.common.models import resolve_whisper, silero_vad_path
 from services.common.resilience import Deadline
-from services.common.text import primary_language, tandem_repeats
+from services.common.text import LANGUAGE_TAG, primary_language, tandem_repeats
 from services.stt.config import SttConfig
 from services.stt.endpointing import SileroSession, StreamingSilero
 from services.stt.filters import HallucinationGates, normalize_text, split_hallucinations
@@ -70,7 +69,6 @@ APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 
 # Deprecated or non-Whisper spellings of languages Whisper knows under another code.
 _LANGUAGE_ALIASES = {"iw": "he", "in": "id", "ji": "yi", "jv": "jw", "nb": "no", "fil": "tl"}
-_BCP47 = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*$")
 
 
 @dataclass(frozen=True)
@@ -170,7 +168,7 @@ def whisper_language(
     tag = tag.strip()
     if not tag:
         return None
-    if not _BCP47.match(tag):
+    if not LANGUAGE_TAG.match(tag):
         raise InvalidArgument(
             f"language {tag!r} is not a BCP-47 tag: send a code such as 'en', 'fr' or 'fr-FR', or leave it "
             "empty to detect the language"

@@ -30,9 +30,10 @@ import numpy as np
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import PcmStream, decode_pcm
 from services.common.batching import STAGE_CLOSE_TIMEOUT_S, DynamicBatcher, split_on_oom
-from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.inference import InferencePool
 from services.common.resilience import Deadline
+from services.common.streams import StreamSlots, bounded_requests
 from services.stt.config import SttConfig
 from services.stt.endpointing import EndpointParams, Utterance, UtteranceTracker
 from services.stt.engine import DecodeOptions, Segment, SttBackend, Transcript, Window, merge_transcripts
@@ -103,7 +104,7 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
             speech_pad_ms=config.speech_pad_ms,
             max_utterance_s=config.max_utterance_s,
         )
-        self._streams = 0
+        self._streams = StreamSlots("StreamingRecognize", config.max_streams, "max_streams")
 
     def close(self) -> None:
         """Drops the queued windows, stops the batcher and VAD threads, closes the backend.
@@ -209,17 +210,13 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
         Raises:
             InvalidArgument: No config first, a second config, a bad format or language, NaN audio.
             ResourceExhausted: ``max_streams`` streams are already being served.
+            DeadlineExceeded: The client sent nothing for ``stream_idle_timeout_s``, or kept sending past
+                ``max_stream_duration_s``.
         """
-        if self._streams >= self._config.max_streams:
-            raise ResourceExhausted(
-                f"this server already serves {self._config.max_streams} streams: retry later, with backoff"
-            )
-        self._streams += 1
-        try:
-            async for response in self._recognize(request_iterator, context):
+        with self._streams.hold():
+            requests = bounded_requests(request_iterator, self._config)
+            async for response in self._recognize(requests, context):
                 yield response
-        finally:
-            self._streams -= 1
 
     async def _recognize(
         self,

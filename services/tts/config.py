@@ -36,6 +36,11 @@ class TtsConfig(ServerConfig):
         "en", "Language (BCP-47) used when a request names neither voice nor language."
     )
     max_text_chars: int = option(5000, "Longest text accepted in one request, in characters.")
+    max_audio_s: float = option(
+        300.0,
+        "Most audio one request may produce, in seconds: estimated from the text length and speaking rate "
+        "before synthesis, and measured after each sentence when streaming; past it, INVALID_ARGUMENT.",
+    )
     cache_mb: int = option(
         64, "Result cache size, in MiB of PCM audio (least recently used evicted); 0 disables."
     )

@@ -13,12 +13,18 @@ Fallback chain: for a request naming a language, the voices whose primary langua
 ranked Piper first (neural voices sound far better than formant synthesis), then by exact match of the
 whole tag ("en-US" prefers an en-US voice to an en-GB one), then in load order.
 
-Speaking rate: ``rate`` is a speed multiplier (2.0 speaks twice as fast). Piper takes it as
+Speaking rate: ``rate`` is a speed multiplier in [0.25, 4] (2.0 speaks twice as fast; the range of common
+TTS APIs, and a bound on the audio one character can cost). Piper takes it as
 ``length_scale = voice length_scale / rate`` (``1 / rate`` for voices at the default length scale 1.0);
 espeak-ng as ``-s round(175 * rate)`` words per minute (175 is its default), clamped to espeak-ng's
 80..1000 wpm.
 
 Output audio is PCM_S16LE mono at the voice's own rate, or resampled with soxr to a requested rate.
+
+Bounds: text of at most ``max_text_chars`` characters, with no control character other than tab and line
+breaks; at most ``max_audio_s`` seconds of audio per request, estimated from the text and the rate before
+any synthesis (at :data:`MAX_CHARS_PER_S`, faster than any voice speaks, so the estimate never exceeds the
+real duration) and measured after each sentence of a stream.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ import asyncio
 import json
 import logging
 import math
-import re
 import shutil
 import subprocess
+import unicodedata
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +46,7 @@ import numpy as np
 from services.common.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, float_to_pcm16, resample
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.inference import BatchedPool
-from services.common.text import primary_language, split_sentences
+from services.common.text import LANGUAGE_TAG, primary_language, split_sentences
 from services.tts.cache import ByteLruCache
 from services.tts.config import BUNDLED_PIPER_VOICE, TtsConfig
 
@@ -48,12 +54,16 @@ logger = logging.getLogger(__name__)
 
 PIPER = "piper"
 ESPEAK = "espeak"
+MIN_SPEAKING_RATE = 0.25
 MAX_SPEAKING_RATE = 4.0
+# Characters a second of speech at rate 1.0, above any voice's (speech runs at about 12 to 18 characters a
+# second, spaces included), so that text length / (rate * this) underestimates the duration.
+MAX_CHARS_PER_S = 25.0
+_ALLOWED_CONTROLS = frozenset("\t\n\r")
 ESPEAK_PACKAGE_HINT = "install the Debian package espeak-ng (apt-get install espeak-ng)"
 _ESPEAK_DEFAULT_WPM = 175
 _ESPEAK_MIN_WPM = 80
 _ESPEAK_MAX_WPM = 1000
-_LANGUAGE_TAG = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*$")
 _WARM_UP_TEXT = "Ready."
 
 
@@ -63,7 +73,7 @@ def normalize_language(tag: str) -> str:
     Raises:
         InvalidArgument: ``tag`` is not shaped like a BCP-47 tag.
     """
-    if not _LANGUAGE_TAG.match(tag):
+    if not LANGUAGE_TAG.match(tag):
         raise InvalidArgument(f"language {tag!r} is not a BCP-47 tag such as 'en', 'fr' or 'en-US'")
     parts = tag.replace("_", "-").split("-")
     return "-".join([parts[0].lower()] + [p.upper() if len(p) == 2 else p.lower() for p in parts[1:]])
@@ -275,6 +285,7 @@ class TtsEngine:
         voices: Loaded voices with the pool each runs on, in preference order within a backend.
         cache_bytes: Result cache bound, in bytes of PCM; 0 disables it.
         max_text_chars: Longest text accepted, in characters.
+        max_audio_s: Most audio one request may produce, in seconds.
         default_language: Language used when a request names neither voice nor language.
         espeak_available: Whether espeak-ng could be run (only used in error messages).
         espeak_languages: Languages configured for espeak-ng (only used in error messages).
@@ -289,6 +300,7 @@ class TtsEngine:
         *,
         cache_bytes: int = 64 << 20,
         max_text_chars: int = 5000,
+        max_audio_s: float = 300.0,
         default_language: str = "en",
         espeak_available: bool = True,
         espeak_languages: Sequence[str] = (),
@@ -305,6 +317,7 @@ class TtsEngine:
             )
         self.cache: ByteLruCache[Synthesis] = ByteLruCache(cache_bytes, lambda s: len(s.pcm))
         self.max_text_chars = max_text_chars
+        self.max_audio_s = max_audio_s
         self.default_language = default_language
         self._espeak_available = espeak_available
         self._espeak_languages = {primary_language(lang) for lang in espeak_languages}
@@ -353,6 +366,7 @@ class TtsEngine:
             voices,
             cache_bytes=config.cache_mb << 20,
             max_text_chars=config.max_text_chars,
+            max_audio_s=config.max_audio_s,
             default_language=config.default_language,
             espeak_available=executable is not None,
             espeak_languages=config.espeak_languages,
@@ -409,6 +423,12 @@ class TtsEngine:
         return f"espeak-ng has no voice for it; {piper}"
 
     def _request(self, text: str, language: str, voice: str, rate: float, sample_rate_hz: int) -> _Request:
+        for position, ch in enumerate(text):
+            if unicodedata.category(ch) == "Cc" and ch not in _ALLOWED_CONTROLS:
+                raise InvalidArgument(
+                    f"text has control character U+{ord(ch):04X} at position {position}: send plain text "
+                    "(tabs and line breaks are the only control characters accepted)"
+                )
         text = text.strip()
         if not text:
             raise InvalidArgument("text is empty: send the text to speak")
@@ -416,13 +436,22 @@ class TtsEngine:
             raise InvalidArgument("text has nothing to speak (only punctuation or symbols)")
         if len(text) > self.max_text_chars:
             raise InvalidArgument(
-                f"text has {len(text)} characters, more than the {self.max_text_chars} accepted: split it"
+                f"text has {len(text)} characters, more than the {self.max_text_chars} accepted "
+                "(--max-text-chars): split it"
             )
         if rate == 0:
             rate = 1.0
-        if not (math.isfinite(rate) and 0 < rate <= MAX_SPEAKING_RATE):
+        if not (math.isfinite(rate) and MIN_SPEAKING_RATE <= rate <= MAX_SPEAKING_RATE):
             raise InvalidArgument(
-                f"speaking_rate {rate} is out of range: use (0, {MAX_SPEAKING_RATE:g}], or 0 for 1.0"
+                f"speaking_rate {rate:g} is out of range: use {MIN_SPEAKING_RATE:g} to "
+                f"{MAX_SPEAKING_RATE:g}, or 0 for 1.0"
+            )
+        least_s = len(text) / (MAX_CHARS_PER_S * rate)
+        if least_s > self.max_audio_s:
+            raise InvalidArgument(
+                f"{len(text)} characters at speaking_rate {rate:g} make at least {least_s:.0f} s of audio, "
+                f"more than the {self.max_audio_s:g} s one request may produce (--max-audio-s): split the "
+                "text"
             )
         if sample_rate_hz and not MIN_SAMPLE_RATE_HZ <= sample_rate_hz <= MAX_SAMPLE_RATE_HZ:
             raise InvalidArgument(
@@ -431,6 +460,13 @@ class TtsEngine:
             )
         synthesizer, pool = self.select(language, voice)
         return _Request(text, synthesizer, pool, rate, sample_rate_hz or synthesizer.info.sample_rate_hz)
+
+    def _check_duration(self, duration_s: float) -> None:
+        if duration_s > self.max_audio_s:
+            raise InvalidArgument(
+                f"the text makes more than the {self.max_audio_s:g} s of audio one request may produce "
+                "(--max-audio-s): split it, or speak faster"
+            )
 
     async def _render(self, request: _Request, text: str) -> Synthesis:
         key = (text, request.synthesizer.info.name, request.rate, request.sample_rate_hz)
@@ -452,18 +488,20 @@ class TtsEngine:
             text: Text to speak.
             language: BCP-47 language; picks the best voice when ``voice`` is empty.
             voice: Voice name from :meth:`voices`; empty for the language's best.
-            rate: Speed multiplier in (0, 4]; 0 means 1.0.
+            rate: Speed multiplier in [0.25, 4]; 0 means 1.0.
             sample_rate_hz: Output rate in Hz; 0 for the voice's own.
 
         Raises:
-            InvalidArgument: Empty or too long text, a bad rate, sample rate, language or voice, or text with
-                nothing to speak (only punctuation).
+            InvalidArgument: Empty or too long text, text with control characters (other than tab and line
+                breaks), a bad rate, sample rate, language or voice, text with nothing to speak (only
+                punctuation), or more than ``max_audio_s`` seconds of audio.
             FailedPrecondition: No voice for the language.
         """
         request = self._request(text, language, voice, rate, sample_rate_hz)
         result = await self._render(request, request.text)
         if not result.pcm:
             raise InvalidArgument("text has nothing to speak (only punctuation or symbols)")
+        self._check_duration(result.duration_s)
         return result
 
     async def synthesize_stream(
@@ -473,7 +511,8 @@ class TtsEngine:
 
         The next sentence is synthesized while the caller handles the current one. A sentence with nothing
         to speak yields empty audio. Arguments and errors as :meth:`synthesize`; errors about the request
-        are raised before the first sentence.
+        are raised before the first sentence, except that going past ``max_audio_s`` (measured after each
+        sentence) ends the stream there.
 
         Yields:
             (sentence, its audio, whether it is the last sentence), in order.
@@ -481,9 +520,12 @@ class TtsEngine:
         request = self._request(text, language, voice, rate, sample_rate_hz)
         sentences = split_sentences(request.text) or [request.text]
         pending = asyncio.ensure_future(self._render(request, sentences[0]))
+        total_s = 0.0
         try:
             for i, sentence in enumerate(sentences):
                 result = await pending
+                total_s += result.duration_s
+                self._check_duration(total_s)
                 if i + 1 < len(sentences):
                     pending = asyncio.ensure_future(self._render(request, sentences[i + 1]))
                 yield sentence, result, i + 1 == len(sentences)

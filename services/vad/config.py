@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from services.common.batching import BatchingConfig
 from services.common.config import ServerConfig, option
+from services.common.streams import StreamLimitsConfig
 
 
 @dataclass(frozen=True)
-class VadConfig(BatchingConfig, ServerConfig):
+class VadConfig(StreamLimitsConfig, BatchingConfig, ServerConfig):
     """Voice activity detection server (Silero VAD v6, ONNX on CPU).
 
     The detection defaults apply to every request field left unset. ``min_silence_ms`` defaults to 500 ms
@@ -21,7 +22,8 @@ class VadConfig(BatchingConfig, ServerConfig):
     frames with that stream's state. Live streams are served at level 0, whole clips (Detect) at the lowest
     level, cut into calls of ``detect_frames_per_call`` frames so a long clip never holds up live streams
     for long. The v6 export runs the streams of a batch one after another (its state has batch size 1), so
-    batching saves no compute: the queue delay defaults to 0.
+    batching saves no compute: the queue delay defaults to 0. StreamDetect calls are bounded by
+    :class:`StreamLimitsConfig` (streams at once, idle timeout, longest stream).
     """
 
     max_queue_delay_ms: float = option(

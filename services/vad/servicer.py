@@ -13,6 +13,7 @@ from parley.vad.v1 import vad_pb2, vad_pb2_grpc
 from services.common.audio import PCM_S16LE, PcmStream, decode_pcm
 from services.common.batching import DynamicBatcher
 from services.common.errors import InvalidArgument
+from services.common.streams import StreamSlots, bounded_requests
 from services.vad.config import VadConfig
 from services.vad.engine import (
     SAMPLE_RATE_HZ,
@@ -84,6 +85,7 @@ class VadServicer(vad_pb2_grpc.VoiceActivityDetectionServicer):
         levels = batcher.config.priority_levels
         self._stream_priority = min(STREAM_PRIORITY, levels - 1)
         self._clip_priority = min(CLIP_PRIORITY, levels - 1)
+        self._streams = StreamSlots("StreamDetect", config.max_streams, "max_streams")
 
     async def _infer(
         self, windows: np.ndarray, state: ModelState, context: grpc.aio.ServicerContext, priority: int
@@ -126,7 +128,24 @@ class VadServicer(vad_pb2_grpc.VoiceActivityDetectionServicer):
         request_iterator: AsyncIterator[vad_pb2.StreamDetectRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[vad_pb2.StreamDetectResponse]:
-        """Endpointing of a live stream: SpeechStarted and SpeechEnded events as speech begins and ends."""
+        """Endpointing of a live stream: SpeechStarted and SpeechEnded events as speech begins and ends.
+
+        Raises:
+            InvalidArgument: No config first, a second config, bad parameters, a bad format or bad audio.
+            ResourceExhausted: ``max_streams`` streams are already being served.
+            DeadlineExceeded: The client sent nothing for ``stream_idle_timeout_s``, or kept sending past
+                ``max_stream_duration_s``.
+        """
+        with self._streams.hold():
+            requests = bounded_requests(request_iterator, self._config)
+            async for response in self._stream_detect(requests, context):
+                yield response
+
+    async def _stream_detect(
+        self,
+        request_iterator: AsyncIterator[vad_pb2.StreamDetectRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[vad_pb2.StreamDetectResponse]:
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return

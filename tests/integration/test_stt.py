@@ -156,6 +156,7 @@ def test_silence_gives_no_text_and_other_rates_are_resampled(stub):
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NAN = np.array([0.1, math.nan, 0.2], dtype="<f4").tobytes()
 INF = np.array([0.1, math.inf, 0.2], dtype="<f4").tobytes()
+HUGE = np.full(149, 1e30, dtype="<f4").tobytes()  # 596 bytes that cost 35 s of CPU when accepted
 F32 = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_F32LE, sample_rate_hz=RATE, channels=1)
 
 
@@ -175,6 +176,8 @@ BAD_TRANSCRIBE = {
     "odd-bytes": (bytes(3201), S16, {}, ("3201 bytes", "whole number")),
     "nan": (NAN, F32, {}, ("NaN",)),
     "inf": (INF, F32, {}, ("infinite",)),
+    "beyond-full-scale": (HUGE, F32, {}, ("1e+30", "outside [-1, 1]")),
+    "undefined-task": (bytes(3200), S16, {"task": 99}, ("config.task 99", "TRANSLATE (2)")),
     "rate-too-low": (bytes(3200), s16(4000), {}, ("4000",)),
     "rate-too-high": (bytes(3200), s16(500000), {}, ("500000",)),
     "too-long": (bytes(2 * 8000 * 301), s16(8000), {}, ("301", "300")),
@@ -223,6 +226,8 @@ def test_bad_streams_are_invalid_argument(stub):
         "unknown-language": ([config_message(language="xx")], "'xx'"),
         "rate-too-low": ([config_message(fmt=s16(4000))], "4000"),
         "nan": ([config_message(fmt=F32), audio_message(NAN)], "NaN"),
+        "beyond-full-scale": ([config_message(fmt=F32), audio_message(HUGE)], "outside [-1, 1]"),
+        "undefined-task": ([config_message(task=99)], "streaming_config.config.task 99"),
     }
     for name, (messages, snippet) in cases.items():
         with pytest.raises(grpc.RpcError) as err:

@@ -174,6 +174,7 @@ BAD_DETECT = {
     "odd byte count": (_ONE_S + b"\x00", PCM16_16K, {}, "whole number"),
     "NaN floats": (_NAN, F32_16K, {}, "NaN"),
     "infinite floats": (_INF, F32_16K, {}, "infinite"),
+    "floats beyond full scale": (np.full(160, 1e30, dtype="<f4").tobytes(), F32_16K, {}, "outside [-1, 1]"),
     "sample rate too low": (
         _ONE_S,
         audio_pb2.AudioFormat(encoding=1, sample_rate_hz=4000),

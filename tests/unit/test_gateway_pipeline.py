@@ -114,6 +114,15 @@ class FakeTranslation(translate_pb2_grpc.TranslationServicer):
     def __init__(self):
         self.fail = False
         self.calls = 0
+        self.pairs: list[tuple[str, str]] | None = None  # None: ListLanguagePairs is UNIMPLEMENTED
+
+    async def ListLanguagePairs(self, request, context):
+        if self.pairs is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no listing")
+        return translate_pb2.ListLanguagePairsResponse(
+            pairs=[translate_pb2.LanguagePair(source_language=s, target_language=t) for s, t in self.pairs],
+            model="fake",
+        )
 
     async def Translate(self, request, context):
         self.calls += 1
@@ -131,6 +140,14 @@ class FakeTts(tts_pb2_grpc.SpeechSynthesisServicer):
         self.slow_first_s = slow_first_s
         self.log: list[tuple[str, float, float]] = []
         self.fail = False
+        self.voices: list[tuple[str, str]] | None = None  # None: ListVoices is UNIMPLEMENTED
+
+    async def ListVoices(self, request, context):
+        if self.voices is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no listing")
+        return tts_pb2.ListVoicesResponse(
+            voices=[tts_pb2.Voice(name=n, language=lang, backend="piper") for n, lang in self.voices]
+        )
 
     async def SynthesizeStream(self, request, context):
         if self.fail:
@@ -200,6 +217,7 @@ async def cluster(request):
         breaker_failure_threshold=2,
         breaker_reset_timeout_s=0.5,
         retry_initial_backoff_ms=10,
+        **params.get("gateway", {}),
     )
     downstream = Downstream(config)
     servicer = GatewayServicer(config, downstream)
@@ -251,7 +269,7 @@ async def test_healthy_and_abandoned_streams_log_nothing_at_warning_or_above(clu
     async with GatewayClient(cluster.gateway) as client:  # a caller that walks away after the first event
         async for _ in client.translate_speech(config(), split_pcm(speech(1.0, 2.0, 3.0), 50)):
             break
-    await asyncio.wait_for(_until(lambda: cluster.servicer.active == 0), timeout=20)
+    await asyncio.wait_for(_until(lambda: cluster.servicer.streams.active == 0), timeout=20)
     gc.collect()  # abandoned async generators are finalised here, where a context detach error would log
     await asyncio.sleep(0.1)
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -391,13 +409,7 @@ async def test_tts_down_text_still_flows(cluster):
 
 
 async def _expect_code(address, requests, code):
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = gateway_pb2_grpc.GatewayStub(channel).TranslateSpeech(iter(requests))
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in call:
-                pass
-        assert err.value.code() == code, err.value.details()
-        return err.value.details()
+    return await _expect_code_of(address, iter(requests), code)
 
 
 @pytest.mark.timeout(30)
@@ -408,10 +420,15 @@ async def test_protocol_errors_end_the_stream_with_invalid_argument_while_others
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     assert "before the config" in await _expect_code(cluster.gateway, [audio], invalid)
     assert "second config" in await _expect_code(cluster.gateway, [cfg, audio, cfg], invalid)
-    bad_format = gateway_pb2.TranslateSpeechRequest(
+    undefined = gateway_pb2.TranslateSpeechRequest(
         config=config(input_format=audio_pb2.AudioFormat(encoding=7, sample_rate_hz=RATE))
     )
-    assert "unknown audio encoding" in await _expect_code(cluster.gateway, [bad_format], invalid)
+    details = await _expect_code(cluster.gateway, [undefined], invalid)
+    assert "config.input_format.encoding 7 is not defined" in details
+    unspecified = gateway_pb2.TranslateSpeechRequest(
+        config=config(input_format=audio_pb2.AudioFormat(sample_rate_hz=RATE))
+    )
+    assert "unknown audio encoding" in await _expect_code(cluster.gateway, [unspecified], invalid)
     direct_fr = gateway_pb2.TranslateSpeechRequest(
         config=config(mode=gateway_pb2.DIRECT, target_language="fr")
     )
@@ -433,7 +450,7 @@ async def test_past_max_streams_resource_exhausted_at_once(cluster):
     async with grpc.aio.insecure_channel(cluster.gateway) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         first = stub.TranslateSpeech(held())
-        await asyncio.wait_for(_until(lambda: cluster.servicer.active == 1), timeout=20)
+        await asyncio.wait_for(_until(lambda: cluster.servicer.streams.active == 1), timeout=20)
         # Refused while the first stream still holds the only slot: not queued behind it.
         second = stub.TranslateSpeech(iter([gateway_pb2.TranslateSpeechRequest(config=config())]))
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -443,7 +460,7 @@ async def test_past_max_streams_resource_exhausted_at_once(cluster):
         release.set()
         events = [e async for e in first]
         assert events[-1].WhichOneof("event") == "end_of_stream"
-    await asyncio.wait_for(_until(lambda: cluster.servicer.active == 0), timeout=20)
+    await asyncio.wait_for(_until(lambda: cluster.servicer.streams.active == 0), timeout=20)
 
 
 @pytest.mark.timeout(60)
@@ -460,7 +477,7 @@ async def test_short_deadline_ends_the_call_and_cancels_downstream_work(cluster)
     # No stage keeps working on it: the STT call (its own timeout was the remaining deadline) is cancelled.
     await asyncio.wait_for(cluster.stt.cancelled.wait(), timeout=30)
     assert not cluster.stt.log
-    await asyncio.wait_for(_until(lambda: cluster.servicer.active == 0), timeout=30)
+    await asyncio.wait_for(_until(lambda: cluster.servicer.streams.active == 0), timeout=30)
 
 
 async def _until(predicate) -> None:
@@ -501,3 +518,179 @@ async def test_vad_down_reports_an_error_event_and_the_stream_still_ends_cleanly
     await asyncio.sleep(0.6)  # breaker reset timeout
     result = await run_stream(cluster.gateway, config(), speech(1.0, 1.0))
     assert [u.translation for u in result.utterances.values()] == ["T(words 1)"] * 2
+
+
+async def _held(first, release: asyncio.Event, *more, gap_s: float = 0.0):
+    """Sends ``first`` and ``more`` (``gap_s`` apart), then nothing until ``release`` is set.
+
+    A test expecting the server to end the call sends nothing after it may have: a write racing the server's
+    status can fail the call INTERNAL on the client side.
+    """
+    yield first
+    for message in more:
+        await asyncio.sleep(gap_s)
+        yield message
+    await release.wait()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "cluster", [{"max_streams": 2, "gateway": {"stream_idle_timeout_s": 0.5}}], indirect=True
+)
+async def test_config_only_streams_time_out_instead_of_locking_everyone_out(cluster):
+    release = asyncio.Event()
+    async with grpc.aio.insecure_channel(cluster.gateway) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        idle = [
+            stub.TranslateSpeech(_held(gateway_pb2.TranslateSpeechRequest(config=config()), release))
+            for _ in range(2)
+        ]
+        for call in idle:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "--stream-idle-timeout-s" in err.value.details()
+        release.set()
+    await asyncio.wait_for(_until(lambda: cluster.servicer.streams.active == 0), timeout=20)
+    result = await run_stream(cluster.gateway, config(), speech(1.0))  # the slots are free again
+    assert result.utterances[0].translation == "T(words 1)"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("cluster", [{"gateway": {"max_stream_duration_s": 0.6}}], indirect=True)
+async def test_a_stream_sending_past_max_stream_duration_s_ends(cluster):
+    chunks = [gateway_pb2.TranslateSpeechRequest(audio=c) for c in split_pcm(speech(1.0), 100)[:4]]
+    started = time.monotonic()
+    details = await _expect_code_of(
+        cluster.gateway,
+        _held(gateway_pb2.TranslateSpeechRequest(config=config()), asyncio.Event(), *chunks, gap_s=0.1),
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+    assert "--max-stream-duration-s" in details  # not the idle timeout (30 s): the stream still had time
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "cluster", [{"max_streams": 4, "gateway": {"max_streams_per_caller": 1}}], indirect=True
+)
+async def test_one_caller_cannot_take_every_stream(cluster):
+    release = asyncio.Event()
+    async with grpc.aio.insecure_channel(cluster.gateway) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        first = stub.TranslateSpeech(_held(gateway_pb2.TranslateSpeechRequest(config=config()), release))
+        await asyncio.wait_for(_until(lambda: cluster.servicer.streams.active == 1), timeout=20)
+        second = stub.TranslateSpeech(iter([gateway_pb2.TranslateSpeechRequest(config=config())]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in second:
+                pass
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "caller 127.0.0.1 already has 1 TranslateSpeech streams" in err.value.details()
+        assert "--max-streams-per-caller" in err.value.details()
+        release.set()
+        events = [e async for e in first]
+        assert events[-1].WhichOneof("event") == "end_of_stream"
+
+
+async def _refused_at_config(address, cfg, code) -> str:
+    """The call's error details, for a stream that sends ``cfg`` and then neither audio nor a half-close."""
+    never = asyncio.Event()
+    return await _expect_code_of(address, _held(gateway_pb2.TranslateSpeechRequest(config=cfg), never), code)
+
+
+async def _expect_code_of(address, requests, code) -> str:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = gateway_pb2_grpc.GatewayStub(channel).TranslateSpeech(requests)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == code, err.value.details()
+        return err.value.details()
+
+
+@pytest.mark.timeout(30)
+async def test_malformed_configs_are_refused_before_any_audio(cluster):
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    cases = [
+        (config(mode=99), "config.mode 99 is not defined in parley.gateway.v1.TranslationMode"),
+        (config(source_language="français"), "source_language 'français' is not a BCP-47"),
+        (config(target_language="en!"), "target_language 'en!' is not a BCP-47"),
+        (config(output_sample_rate_hz=1), "output_sample_rate_hz 1 is out of range"),
+    ]
+    for cfg, message in cases:
+        assert message in await _refused_at_config(cluster.gateway, cfg, invalid)
+    assert cluster.stt.log == [] and cluster.tts.log == []
+
+
+@pytest.mark.timeout(30)
+async def test_a_language_pair_or_voice_the_cluster_lacks_fails_precondition_up_front(cluster):
+    cluster.translation.pairs = [("fr", "de"), ("de", "fr"), ("fr", "he")]
+    cluster.tts.voices = [("fake-de", "de-DE"), ("fake-fr", "fr")]
+    precondition = grpc.StatusCode.FAILED_PRECONDITION
+
+    async def refused(cfg, code=precondition) -> str:
+        return await _refused_at_config(cluster.gateway, cfg, code)
+
+    assert "does not translate fr into ja" in await refused(
+        config(target_language="ja", synthesize_speech=False)
+    )
+    assert "does not translate tr into de" in await refused(config(source_language="tr"))
+    assert "no TTS voice speaks iw" in await refused(config(target_language="iw"))  # he: a pair
+    assert "voice 'nobody' is not loaded" in await refused(config(voice="nobody"))
+    mismatch = await refused(config(voice="fake-fr"), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "speaks fr, not de" in mismatch
+    result = await run_stream(cluster.gateway, config(voice="fake-de"), speech(1.0))
+    assert result.utterances[0].translation == "T(words 1)" and result.utterances[0].audio
+    # Detected source: any pair into the target will do; no synthesis, no voice needed.
+    result = await run_stream(
+        cluster.gateway,
+        config(source_language="", synthesize_speech=False),
+        speech(1.0),
+    )
+    assert result.utterances[0].translation == "T(words 1)"
+
+
+async def _file_call(stub, requests):
+    call = stub.TranslateFile(requests)
+    return [r async for r in call]
+
+
+def _file_config(**kw) -> gateway_pb2.TranslateFileRequest:
+    return gateway_pb2.TranslateFileRequest(
+        config=gateway_pb2.TranslateFileConfig(
+            request_id="f1",
+            input_format=audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE, channels=1),
+            **kw,
+        )
+    )
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("cluster", [{"gateway": {"max_file_jobs": 1, "max_file_s": 1.0}}], indirect=True)
+async def test_translate_file_has_a_job_limit_a_length_limit_and_checks_its_config(cluster):
+    release = asyncio.Event()
+    async with grpc.aio.insecure_channel(cluster.gateway) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        first = asyncio.ensure_future(_file_call(stub, _held(_file_config(), release)))
+        await asyncio.wait_for(_until(lambda: cluster.servicer.file_jobs.active == 1), timeout=20)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _file_call(stub, iter([_file_config()]))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1 TranslateFile streams (--max-file-jobs)" in err.value.details()
+        release.set()
+        await first  # no audio: empty tracks
+        too_long = gateway_pb2.TranslateFileRequest(audio=speech(2.0))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _file_call(stub, _held(_file_config(), asyncio.Event(), too_long))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "--max-file-s" in err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _file_call(stub, iter([_file_config(target_language="en_US!")]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "target_language 'en_US!' is not a BCP-47" in err.value.details()
+        cluster.translation.pairs = [("fr", "de")]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _file_call(stub, iter([_file_config(source_language="fr", target_language="ja")]))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await asyncio.wait_for(_until(lambda: cluster.servicer.file_jobs.active == 0), timeout=20)

@@ -85,7 +85,7 @@ class FakeTranslation:
 
 
 def audio(seconds: float = 30.0) -> np.ndarray:
-    return np.zeros(int(seconds * RATE_HZ), dtype=np.float32)
+    return np.zeros(int(seconds * RATE_HZ), dtype=np.int16)
 
 
 async def test_batch_path_detects_once_translates_in_one_batch_and_keeps_the_rules():
@@ -226,6 +226,55 @@ async def test_rpc_streams_progress_then_one_result():
     assert result.source_quality.violations["reading_speed"] == 0
     assert len(result.source_quality.dropped_segments) == 2
     assert result.target_cues[0].quality.length_ratio == pytest.approx(1.0)
+
+
+def file_requests(pcm: bytes, chunk_bytes: int = 10_000, sample_rate_hz: int = RATE_HZ):
+    async def requests():
+        yield gateway_pb2.TranslateFileRequest(
+            config=gateway_pb2.TranslateFileConfig(
+                request_id="r1",
+                input_format=audio_pb2.AudioFormat(
+                    encoding=audio_pb2.PCM_S16LE, sample_rate_hz=sample_rate_hz, channels=1
+                ),
+            )
+        )
+        for at in range(0, len(pcm), chunk_bytes):
+            yield gateway_pb2.TranslateFileRequest(audio=pcm[at : at + chunk_bytes])
+
+    return requests()
+
+
+async def test_rpc_holds_the_recording_as_16_bit_pcm():
+    held = []
+
+    class Recording(FileTranslator):
+        async def run(self, audio, **kwargs):
+            held.append(audio)
+            return await super().run(audio, **kwargs)
+
+    job = Recording(FakeVad([]), FakeStt(), FakeTranslation())
+    tone = (np.sin(np.arange(48000) / 10) * 20000).astype("<i2")  # 1 s at 48 kHz, resampled to 16 kHz
+    responses = [r async for r in job.serve(file_requests(tone.tobytes(), 3333 * 2, 48000), Deadline(None))]
+    assert responses[-1].result.audio_duration_s == pytest.approx(1.0, abs=0.01)
+    (recording,) = held
+    assert recording.dtype == np.int16 and recording.nbytes == pytest.approx(2 * RATE_HZ, rel=0.01)
+    assert 18000 < np.abs(recording.astype(np.int32)).max() <= 20001
+
+
+async def test_rpc_refuses_a_recording_past_max_audio_s_while_it_arrives():
+    received = []
+
+    async def counted(requests):
+        async for request in requests:
+            received.append(request)
+            yield request
+
+    job = FileTranslator(FakeVad(), FakeStt(), FakeTranslation(), FileJobSettings(max_audio_s=2.0))
+    pcm = np.zeros(10 * RATE_HZ, dtype="<i2").tobytes()
+    with pytest.raises(InvalidArgument, match="longer than the 2 s accepted \\(--max-file-s\\)"):
+        async for _ in job.serve(counted(file_requests(pcm, 2 * RATE_HZ)), Deadline(None)):
+            pass
+    assert len(received) == 1 + 3  # the config, then refused on the first second of audio too many
 
 
 async def test_rpc_needs_the_config_first():

@@ -114,6 +114,11 @@ def test_voices_filter(voices):
         ({"text": "hi", "rate": -1.0}, "speaking_rate"),
         ({"text": "hi", "rate": 4.5}, "speaking_rate"),
         ({"text": "hi", "rate": float("nan")}, "speaking_rate"),
+        ({"text": "hi", "rate": 0.01}, "speaking_rate 0.01 is out of range: use 0.25 to 4"),
+        ({"text": "hi", "rate": 1e-30}, "speaking_rate"),
+        ({"text": "Hello\x00there."}, "control character U\\+0000 at position 5"),
+        ({"text": "Hello\x1b[31m"}, "control character U\\+001B"),
+        ({"text": "x" * 100, "rate": 0.25}, "at least 16 s of audio.*--max-audio-s"),
         ({"text": "hi", "sample_rate_hz": 7999}, "sample_rate_hz"),
         ({"text": "hi", "sample_rate_hz": 192001}, "sample_rate_hz"),
         ({"text": "hi", "voice": "nobody"}, "unknown voice"),
@@ -121,9 +126,29 @@ def test_voices_filter(voices):
     ],
 )
 async def test_bad_requests(voices, kwargs, message):
-    engine = make_engine(*voices, max_text_chars=100)
+    engine = make_engine(*voices, max_text_chars=100, max_audio_s=15.0)
     with pytest.raises(InvalidArgument, match=message):
         await engine.synthesize(**kwargs)
+
+
+async def test_tabs_and_line_breaks_are_plain_text(voices):
+    engine = make_engine(*voices)
+    result = await engine.synthesize("One\tline.\r\nAnother.", "en")
+    assert result.duration_s > 0
+
+
+async def test_audio_past_max_audio_s_is_refused_after_synthesis_and_ends_a_stream(voices):
+    # The fake voice speaks 10 characters a second, slower than the up-front estimate assumes, so these
+    # texts pass the estimate and are caught on the audio itself.
+    engine = make_engine(*voices, max_audio_s=3.0)
+    with pytest.raises(InvalidArgument, match="--max-audio-s"):
+        await engine.synthesize("x" * 40, "en")
+    stream = engine.synthesize_stream("One two three. Four five six. Seven eight nine.", "en")
+    first = await stream.__anext__()
+    assert first[1].duration_s == pytest.approx(1.4)
+    assert (await stream.__anext__())[1].duration_s == pytest.approx(1.4)
+    with pytest.raises(InvalidArgument, match="--max-audio-s"):
+        await stream.__anext__()
 
 
 async def test_rate_and_resampling(voices):
