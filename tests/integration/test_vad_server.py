@@ -47,15 +47,17 @@ async def detect(stub, audio: bytes, fmt=PCM16_16K, **params) -> vad_pb2.DetectR
 
 
 async def stream(
-    stub, audio: bytes, chunk_bytes: int = CHUNK_BYTES_20MS, fmt=PCM16_16K
+    stub, audio: bytes, chunk_bytes: int = CHUNK_BYTES_20MS, fmt=PCM16_16K, *, progress: bool = False
 ) -> list[vad_pb2.StreamDetectResponse]:
+    """StreamDetect's responses to ``audio``: the events only, or every response with ``progress``."""
+
     async def requests():
         yield vad_pb2.StreamDetectRequest(config=vad_pb2.StreamDetectConfig(request_id="s", format=fmt))
         for start in range(0, len(audio), chunk_bytes):
             yield vad_pb2.StreamDetectRequest(audio=audio[start : start + chunk_bytes])
 
     async def collect():
-        return [r async for r in stub.StreamDetect(requests())]
+        return [r async for r in stub.StreamDetect(requests()) if progress or r.WhichOneof("event")]
 
     return await asyncio.wait_for(collect(), 120)
 
@@ -92,6 +94,20 @@ async def test_silence_and_quiet_white_noise_have_no_speech(stub):
         assert list((await detect(stub, audio.tobytes(), fmt=F32_16K)).segments) == []
         events = await stream(stub, pcm16(audio))
         assert [r.WhichOneof("event") for r in events] == []
+
+
+async def test_progress_is_reported_each_second_without_an_event(stub):
+    """An event-less response tells a caller (the gateway) how far endpointing got, during silence too."""
+    pcm, _ = read_wav(read_manifest("jfk")[0]["path"])
+    silence = pcm16(np.zeros(4 * 16000, dtype=np.float32))
+    responses = await stream(stub, silence + pcm + silence, progress=True)
+    processed = [r.audio_processed_ms for r in responses]
+    assert processed == sorted(processed) and processed[-1] >= 18000
+    progress = [r.audio_processed_ms for r in responses if r.WhichOneof("event") is None]
+    assert 900 <= progress[0] <= 1500, progress
+    # No stretch of a second or more without a response, before the stream's end.
+    assert all(b - a <= 1500 for a, b in zip([0, *processed[:-1]], processed, strict=True)), processed
+    assert [r.WhichOneof("event") for r in responses if r.WhichOneof("event")][:1] == ["speech_started"]
 
 
 @pytest.mark.parametrize(
