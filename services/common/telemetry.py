@@ -9,15 +9,25 @@ collector does not log export failures. ``OTEL_SERVICE_NAME`` overrides the serv
 W3C trace context travels in gRPC metadata through ``opentelemetry-instrumentation-grpc``'s aio
 interceptors: :func:`server_interceptors` on every server (health and reflection calls excluded) and
 :func:`client_interceptors` on every channel the gateway opens.
+
+Streaming responses are traced here, not by the library: its aio server interceptor keeps the span's context
+attached across each ``yield`` of the handler, so a stream whose caller went away while a response was
+being written leaves that generator suspended; the event loop's finaliser closes it later in another
+context, and OpenTelemetry logs "Failed to detach context" at ERROR with a traceback
+(open-telemetry/opentelemetry-python-contrib#2357). :class:`TracingInterceptor` attaches the span around
+each step of the handler only, never across a ``yield``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -69,9 +79,89 @@ def _traced(details: grpc.HandlerCallDetails | grpc.aio.ClientCallDetails) -> bo
     return not method.lstrip("/").startswith(_EXCLUDED_PREFIXES)
 
 
+class TracingInterceptor(grpc.aio.ServerInterceptor):
+    """Server spans for every call but health and reflection, parented on the caller's W3C trace context.
+
+    Unary responses go through ``opentelemetry-instrumentation-grpc``'s interceptor; streaming responses
+    through :meth:`_stream`, which attaches the span's context only while the handler computes its next
+    response (see the module docstring).
+    """
+
+    def __init__(self) -> None:
+        self._unary = aio_server_interceptor(filter_=_traced)
+        self._tracer = trace.get_tracer(__name__)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Wraps the method's handler in a span."""
+        handler = await continuation(handler_call_details)
+        if handler is None or not _traced(handler_call_details):
+            return handler
+        if handler.unary_stream or handler.stream_stream:
+            behavior = self._stream(
+                handler.unary_stream or handler.stream_stream, handler_call_details.method
+            )
+            factory = (
+                grpc.unary_stream_rpc_method_handler
+                if handler.unary_stream
+                else grpc.stream_stream_rpc_method_handler
+            )
+            return factory(
+                behavior,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        async def resolved(_: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return handler
+
+        return await self._unary.intercept_service(resolved, handler_call_details)
+
+    def _stream(
+        self, behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], method: str
+    ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        service, _, name = method.lstrip("/").partition("/")
+        tracer = self._tracer
+
+        async def traced(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            parent = propagate.extract(dict(context.invocation_metadata() or ()))
+            span = tracer.start_span(
+                method,
+                context=parent,
+                kind=trace.SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            )
+            current = trace.set_span_in_context(span, parent)
+            responses = behavior(request, context)
+            try:
+                while True:
+                    token = otel_context.attach(current)
+                    try:
+                        response = await anext(responses)
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        otel_context.detach(token)
+                    yield response
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                raise
+            finally:
+                code = context.code() if hasattr(context, "code") else None
+                if isinstance(code, grpc.StatusCode):
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                span.end()
+
+        return traced
+
+
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """The OpenTelemetry aio server interceptor (health and reflection calls are not traced)."""
-    return [aio_server_interceptor(filter_=_traced)]
+    """The tracing interceptor (health and reflection calls are not traced)."""
+    return [TracingInterceptor()]
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
