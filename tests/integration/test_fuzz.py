@@ -8,8 +8,8 @@ mutations of serialized requests (flipped, cut, inserted bytes). Only documented
 come back: OK, INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, OUT_OF_RANGE and the call's own
 DEADLINE_EXCEEDED; never INTERNAL or UNKNOWN. Afterwards every server still reports SERVING.
 
-Bounded for CI: ``PARLEY_FUZZ_EXAMPLES`` examples per RPC (default 60, about 25 s for all eleven RPCs here); texts
-short so that a valid request costs at most a short inference.
+Bounded for CI: ``PARLEY_FUZZ_EXAMPLES`` examples per RPC (default 60, about 25 s for all eleven RPCs
+here); texts and audio stay short so that a valid request costs at most a short inference.
 """
 
 from __future__ import annotations
