@@ -150,13 +150,13 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def caller_identity(context: grpc.aio.ServicerContext) -> str:
-    """Who is calling: the name of the caller's token, else the peer address (``ipv4:10.0.0.5:40212``).
+def token_name() -> str | None:
+    """The name of the current call's bearer token (``name:token`` entries), in its handler; else None.
 
-    For the handler of an authenticated call (per-caller limits, logs); on a server without tokens, or for
-    an unnamed token, this is the peer address.
+    None on a server without tokens, and for an unnamed token. :func:`services.common.streams.caller_key`
+    keys per-caller limits on it.
     """
-    return _CALLER.get() or context.peer()
+    return _CALLER.get()
 
 
 def _method_handler(

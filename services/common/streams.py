@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import grpc
 
+from services.common.auth import token_name
 from services.common.config import flag, option
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 
@@ -53,11 +54,16 @@ class StreamLimitsConfig:
 
 
 def caller_key(context: grpc.aio.ServicerContext) -> str:
-    """Who a call belongs to, for per-caller limits: the host of the peer address.
+    """Who a call belongs to, for per-caller limits: its bearer token's name, else the peer address's host.
 
-    ``ipv4:127.0.0.1:5555`` -> ``127.0.0.1``; ``ipv6:[::1]:5555`` -> ``::1``; any other peer (a Unix socket)
-    as gRPC gives it. Callers behind one proxy or NAT share a key.
+    ``token:alice`` for a call authenticated with an ``alice:...`` token
+    (:func:`services.common.auth.token_name`); else ``ipv4:127.0.0.1:5555`` -> ``127.0.0.1``,
+    ``ipv6:[::1]:5555`` -> ``::1``, any other peer (a Unix socket) as gRPC gives it. Unauthenticated
+    callers behind one proxy or NAT share a key.
     """
+    name = token_name()
+    if name:
+        return f"token:{name}"
     peer = urllib.parse.unquote(context.peer() or "")
     scheme, _, address = peer.partition(":")
     if scheme in ("ipv4", "ipv6"):

@@ -15,11 +15,11 @@ from services.common.auth import (
     TokenAuthInterceptor,
     Tokens,
     bearer_metadata,
-    caller_identity,
     load_tokens,
     parse_token_lines,
 )
 from services.common.config import ConfigError, ServerConfig, load_config
+from services.common.streams import caller_key
 
 
 def test_lines_skip_blanks_and_comments_and_split_names():
@@ -158,7 +158,7 @@ class CallDetails:
 async def run_call(interceptor: TokenAuthInterceptor, method: str, metadata, peer: str):
     async def behavior(request, context):
         await asyncio.sleep(0.01)  # let the other calls run: each must keep its own identity
-        return caller_identity(context)
+        return caller_key(context)  # what the gateway's per-caller stream limit keys on
 
     async def continuation(_):
         return grpc.unary_unary_rpc_method_handler(behavior)
@@ -183,11 +183,11 @@ async def test_interceptor_refuses_before_the_handler_and_hands_it_the_caller(ca
             run_call(interceptor, "/grpc.health.v1.Health/Check", (), "ipv4:10.0.0.5:5"),
             run_call(interceptor, "/grpc.reflection.v1alpha.ServerReflection/X", (), "ipv4:10.0.0.6:6"),
         )
-    assert results[0] == "alice"
-    assert results[1] == "ipv4:10.0.0.2:2"  # an unnamed token: the peer
+    assert results[0] == "token:alice"
+    assert results[1] == "10.0.0.2"  # an unnamed token: the peer's host
     assert results[2][0] is grpc.StatusCode.PERMISSION_DENIED
     assert results[3][0] is grpc.StatusCode.UNAUTHENTICATED
-    assert results[4] == "ipv4:10.0.0.5:5"  # health is open
+    assert results[4] == "10.0.0.5"  # health is open
     assert results[5][0] is grpc.StatusCode.UNAUTHENTICATED  # reflection closed by the flag
     refusals = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(refusals) == 3 and all(r.exc_info is None for r in refusals)
