@@ -457,6 +457,12 @@ def write_report(
             out.append("\n![Latency](evaluation/latency.png)\n")
     else:
         out.append(f"Not measured: {sections.get('latency_error', 'no samples')}.\n")
+    out.append("\n## Soak\n")
+    soak = DOCS / "evaluation" / "soak.md"
+    if soak.exists():
+        out.append(soak.read_text(encoding="utf-8"))
+    else:
+        out.append("Not measured: run `python -m benchmarks.run soak` (benchmarks/bench_soak.py).\n")
     DOCS.mkdir(parents=True, exist_ok=True)
     path = DOCS / "evaluation.md"
     path.write_text("\n".join(out) + "\n", encoding="utf-8")
