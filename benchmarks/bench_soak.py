@@ -8,7 +8,8 @@ streams at once, each one call lasting ``PARLEY_SOAK_MINUTES`` (default 10): rea
 - utterances in (``speech_started``) and out (a final transcript or an error event), error events by stage
   and code, and lost = in - out (the no-loss rule: must be 0);
 - end of speech -> final transcript and -> first audio, p50/p95/max (the gateway's timings);
-- each server's resident memory (VmRSS) after warm-up, at the end, and the growth per minute.
+- each server's resident memory (VmRSS) after warm-up, half-way and at the end, and the growth per minute
+  over the second half (caches and allocator pools fill in the first; a leak keeps growing).
 
 The same figures go to ``docs/evaluation/soak.md`` (generated; ``make eval`` includes it in
 docs/evaluation.md).
@@ -126,7 +127,11 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _report(
-    tally: Tally, rss_start: dict[str, float], rss_end: dict[str, float], minutes: float
+    tally: Tally,
+    rss_start: dict[str, float],
+    rss_mid: dict[str, float],
+    rss_end: dict[str, float],
+    minutes: float,
 ) -> list[str]:
     lost = tally.started - tally.answered
     lines = [
@@ -139,11 +144,14 @@ def _report(
             f"end of speech -> {name:<11}: p50 {_pct(values, 50):.2f} s, p95 {_pct(values, 95):.2f} s, "
             f"max {max(values, default=float('nan')):.2f} s (n={len(values)})"
         )
-    lines.append(f"{'server':>9} {'RSS start':>9} {'RSS end':>8} {'growth':>8} {'per min':>8}  (MiB)")
+    lines.append(
+        f"{'server':>9} {'RSS start':>9} {'half-way':>8} {'end':>6} {'growth':>7} "
+        f"{'2nd half, per min':>17}  (MiB)"
+    )
     for stage in STAGES:
-        growth = rss_end[stage] - rss_start[stage]
-        start, end = rss_start[stage], rss_end[stage]
-        lines.append(f"{stage:>9} {start:>9.0f} {end:>8.0f} {growth:>+8.1f} {growth / minutes:>+8.2f}")
+        start, mid, end = rss_start[stage], rss_mid.get(stage, float("nan")), rss_end[stage]
+        late = (end - mid) / (minutes / 2)
+        lines.append(f"{stage:>9} {start:>9.0f} {mid:>8.0f} {end:>6.0f} {end - start:>+7.1f} {late:>+17.2f}")
     return lines
 
 
@@ -167,15 +175,21 @@ def main() -> None:
             tally = Tally()
             began = time.monotonic()
 
+            rss_mid: dict[str, float] = {}
+
+            async def half_way() -> None:
+                await asyncio.sleep(minutes * 30)
+                rss_mid.update({stage: _rss_mb(pid) for stage, pid in pids.items()})
+
             async def run_all() -> None:
                 await asyncio.gather(
-                    *(_stream(address, lane, minutes * 60, tally) for lane in range(streams))
+                    half_way(), *(_stream(address, lane, minutes * 60, tally) for lane in range(streams))
                 )
 
             asyncio.run(run_all())
             elapsed_min = (time.monotonic() - began) / 60
             rss_end = {stage: _rss_mb(pid) for stage, pid in pids.items()}
-            lines = _report(tally, rss_start, rss_end, elapsed_min)
+            lines = _report(tally, rss_start, rss_mid, rss_end, elapsed_min)
             print("\n".join(lines))
             load = os.getloadavg()[0]
             header = (
