@@ -11,7 +11,11 @@ DEFAULT_PORTS = {"gateway": 50051, "vad": 50052, "stt": 50053, "translate": 5005
 
 @dataclass(frozen=True)
 class GatewayConfig(ServerConfig):
-    """Gateway: live speech translation across the VAD, STT, translation and TTS services."""
+    """Gateway: live speech translation across the VAD, STT, translation and TTS services.
+
+    Stage addresses are gRPC targets: ``host:port``, or ``dns:///stt:50053`` to spread calls round-robin
+    over every replica the name resolves to (Compose ``--scale``, a headless Kubernetes Service).
+    """
 
     vad_address: str = option(f"127.0.0.1:{DEFAULT_PORTS['vad']}", "host:port of the VAD server.")
     stt_address: str = option(f"127.0.0.1:{DEFAULT_PORTS['stt']}", "host:port of the speech-to-text server.")

@@ -178,7 +178,7 @@ def test_gateway_waits_for_the_four_healthy_stages_it_addresses(models, profile)
         dependency = gateway["depends_on"][by_stage[stage]]
         assert dependency["condition"] == "service_healthy", stage
         port = option_value(model["services"][by_stage[stage]]["command"], "port")
-        assert gateway["environment"][env_var(f"{stage}_address")] == f"{stage}:{port}"
+        assert gateway["environment"][env_var(f"{stage}_address")] == f"dns:///{stage}:{port}"
     for name, dependency in gateway["depends_on"].items():
         if name not in model["services"] or stage_of(model["services"][name]) is None:
             assert dependency.get("required") is False, f"{name} is required but not run under {profile}"
