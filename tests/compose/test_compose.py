@@ -205,7 +205,10 @@ async def test_prometheus_from_debian_scrapes_every_stage(cluster):
         return sum(float(r["value"][1]) for r in result)
 
     def up_stages() -> set[str]:
-        body = json.loads(urllib.request.urlopen(f"{api}/targets", timeout=5).read())
+        try:
+            body = json.loads(urllib.request.urlopen(f"{api}/targets", timeout=5).read())
+        except OSError:  # not listening yet
+            return set()
         return {t["labels"].get("stage", "") for t in body["data"]["activeTargets"] if t["health"] == "up"}
 
     for _ in range(90):  # deploy/prometheus.yml scrapes every 15 s
