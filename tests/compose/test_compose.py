@@ -373,7 +373,9 @@ async def test_two_replicas_share_the_calls_and_survive_one_crash(cluster):
         assert_complete(u)  # the surviving replica answers
     await stream.close()
     assert not stream.lost(), stream.collector.events
-    record_figure("replica_spread_stt_calls", min(spread["stt-cpu"]))
+    for svc, calls in spread.items():
+        for replica, n in enumerate(calls, 1):
+            record_figure(f"replica_calls_{svc}_{replica}", n)
 
 
 async def test_compose_stop_drains_without_silent_loss(cluster):
@@ -390,3 +392,8 @@ async def test_compose_stop_drains_without_silent_loss(cluster):
     assert announced, "the stream was stopped before any utterance"
     # EndOfStream, or UNAVAILABLE once the gateway is gone: never a hang or a silent cut.
     assert stream.collector.end is not None or stream.status == grpc.StatusCode.UNAVAILABLE, stream.status
+    results = stream.collector.utterances
+    record_figure("stop_utterances_announced", len(announced))
+    completed = sum(1 for i in announced if "timings" in results[i].received_s)
+    record_figure("stop_utterances_completed", completed)
+    record_figure("stop_utterances_errored", sum(1 for i in announced if results[i].errors))
