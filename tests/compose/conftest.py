@@ -206,7 +206,7 @@ def cluster(docker_client) -> Iterator[Cluster]:
     if "PARLEY_IMAGE" in os.environ:
         env["PARLEY_IMAGE"] = os.environ["PARLEY_IMAGE"]
     cluster = Cluster(compose_binary(), env, f"127.0.0.1:{gateway_port}", receiver, docker_client)
-    cluster.compose("down", "--volumes", "--remove-orphans", timeout_s=120)
+    cluster.compose("--profile", "observability", "down", "--volumes", "--remove-orphans", timeout_s=120)
     started = time.monotonic()
     try:
         cluster.compose("up", "-d", "--no-build", "--wait", "--wait-timeout", "600", timeout_s=660)
@@ -233,5 +233,14 @@ def cluster(docker_client) -> Iterator[Cluster]:
         log_path = REPO / "out" / "compose-logs.txt"
         log_path.parent.mkdir(exist_ok=True)
         log_path.write_text(logs.stdout + logs.stderr)
-        cluster.compose("down", "--volumes", "--remove-orphans", "--timeout", "30", timeout_s=300)
+        cluster.compose(
+            "--profile",
+            "observability",
+            "down",
+            "--volumes",
+            "--remove-orphans",
+            "--timeout",
+            "30",
+            timeout_s=300,
+        )
         server.stop(0)
