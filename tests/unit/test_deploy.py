@@ -304,7 +304,8 @@ def test_prometheus_scrapes_every_stage_metrics_port(models, profile):
     model = models[profile]
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    targets = {t for group in jobs["parley"]["static_configs"] for t in group["targets"]}
+    targets = {f"{name}:{sd['port']}" for sd in jobs["parley"]["dns_sd_configs"] for name in sd["names"]}
+    assert jobs["parley"]["relabel_configs"] == [{"source_labels": ["__meta_dns_name"], "target_label": "stage"}]
     expected = {
         f"{stage}:{option_value(model['services'][name]['command'], 'metrics_port')}"
         for name, stage in stage_services(model).items()
