@@ -9,7 +9,7 @@
 # Then build with it (what `make images` does when the public images cannot be pulled):
 #   docker build -f deploy/Dockerfile --target cpu \
 #     --build-arg BUILDER_IMAGE=parley-base:bookworm --build-arg PYTHON_IMAGE=parley-base:bookworm -t parley:cpu .
-# Needs root, debootstrap and a Debian release with Python 3.11 as its python3 (Debian 12), the CPython
+# Needs root, debootstrap (installed with apt when missing) and a Debian release with Python 3.11 as its python3 (Debian 12), the CPython
 # the lock (requirements/runtime.txt) is resolved for.
 set -eu
 
@@ -34,7 +34,10 @@ mirror_of() {
 mirror=$(mirror_of "$codename" | head -n 1)
 security=$(mirror_of "$codename-security" | head -n 1)
 [ -n "$mirror" ] || { echo "no apt source for $codename in /etc/apt" >&2; exit 1; }
-command -v debootstrap >/dev/null || { echo "debootstrap is missing: apt-get install debootstrap" >&2; exit 1; }
+if ! command -v debootstrap >/dev/null; then
+  [ "$(id -u)" = 0 ] || { echo "debootstrap is missing: apt-get install debootstrap" >&2; exit 1; }
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap
+fi
 
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
