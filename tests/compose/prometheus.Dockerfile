@@ -5,8 +5,8 @@ FROM ${BASE_IMAGE}
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
  && rm -rf /var/lib/apt/lists/* \
- && mkdir -p /prometheus && chown prometheus:prometheus /prometheus
-USER prometheus
+ && mkdir -p /prometheus && chown 65534:65534 /prometheus
+USER 65534:65534
 WORKDIR /prometheus
 EXPOSE 9090
 ENTRYPOINT ["/usr/bin/prometheus"]
