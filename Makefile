@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock doctor protos protos-check lint test bench up demo
+.PHONY: help setup lock doctor protos protos-check lint test bench up demo images
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ lint: $(STAMP) ## ruff (lint + format check) and mypy
 
 test: $(STAMP) protos-check ## Run the test suite (unit + integration on real models and ../shared/data)
 	$(VENV)/bin/pytest -ra
+
+images: $(STAMP) ## Build the cpu image parley:cpu (TARGET=gpu: parley:gpu); no registry: on a local Debian base
+	PYTHON=$(PY) sh deploy/build-images.sh $(or $(TARGET),cpu)
 
 bench: $(STAMP) ## Print the benchmark figures (server vs in-process, RTF, memory)
 	$(PY) -m benchmarks.run

@@ -202,6 +202,10 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.so_reuseport", 0),
+            # The gateway pings every 10 s to find connections that died silently (a network partition);
+            # its health Watch keeps a call open without data, so allow pings without data that often.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ],
     )
     drain = stage.add_servicers(server, engine, config)

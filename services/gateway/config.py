@@ -17,6 +17,9 @@ class GatewayConfig(StreamLimitsConfig, ServerConfig):
     Both RPCs read a client stream: each is bounded by ``stream_idle_timeout_s`` and
     ``max_stream_duration_s`` (:class:`StreamLimitsConfig`); TranslateSpeech by ``max_streams`` and
     ``max_streams_per_caller``, TranslateFile by ``max_file_jobs`` and ``max_file_s``.
+
+    Stage addresses are gRPC targets: ``host:port``, or ``dns:///stt:50053`` to spread calls round-robin
+    over every replica the name resolves to (Compose ``--scale``, a headless Kubernetes Service).
     """
 
     vad_address: str = option(f"127.0.0.1:{DEFAULT_PORTS['vad']}", "host:port of the VAD server.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,16 +28,32 @@ from services.gateway.config import GatewayConfig
 STAGES = ("vad", "stt", "translate", "tts")
 
 
+# Client-side balancing: a stage address that resolves to several replicas (``dns:///stt:50053`` behind
+# Compose's --scale or a headless Kubernetes Service) gets its calls spread round-robin, and a replica
+# that is down or whose grpc.health.v1 Watch says NOT_SERVING (draining) gets none.
+SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+
+
 def channel_options(config: GatewayConfig) -> list[tuple[str, Any]]:
-    """Channel options: message size, and a short reconnect backoff so a restarted stage is found fast."""
+    """Channel options: message size, fast reconnects, round-robin over a stage's healthy addresses.
+
+    The reconnect backoff is short so that a restarted stage is found fast.
+    """
     max_bytes = config.max_message_mb * 1024 * 1024
     return [
+        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.initial_reconnect_backoff_ms", min(100, config.reconnect_backoff_max_ms)),
         ("grpc.min_reconnect_backoff_ms", min(100, config.reconnect_backoff_max_ms)),
         ("grpc.max_reconnect_backoff_ms", config.reconnect_backoff_max_ms),
         ("grpc.enable_retries", 0),  # retries are ours (budget, deadline), not the channel's
+        # A partitioned stage sends no RST: keepalive pings find the dead connection within ~15 s, and a
+        # replica that moved (restarted, reconnected) is looked up again in DNS after 1 s, not 30 s.
+        ("grpc.keepalive_time_ms", 10000),
+        ("grpc.keepalive_timeout_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.dns_min_time_between_resolutions_ms", 1000),
     ]
 
 

