@@ -256,7 +256,7 @@ async def test_stt_exits_within_its_grace_with_long_calls_queued():
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = stt_pb2_grpc.SpeechToTextStub(channel)
-            calls = [stub.Transcribe(request, timeout=600) for _ in range(4)]
+            calls = [stub.Transcribe(request, timeout=600) for _ in range(8)]  # minutes of queued windows
             await asyncio.sleep(3.0)  # the first windows are decoding, the rest queued
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
@@ -270,8 +270,9 @@ async def test_stt_exits_within_its_grace_with_long_calls_queued():
                 except grpc.aio.AioRpcError as exc:
                     codes.append(exc.code())
         assert returncode == 0, server.log()
-        # Drain delay + grace + one window still decoding (a few s on 2 busy cores), far from a queue's worth.
-        assert exit_s < 0.2 + grace_s + 10.0, (exit_s, server.log()[-2000:])
+        # Drain delay + grace + at most 2 s for a running batch + process teardown on a loaded machine; the
+        # old close decoded every queued window first (19.9 s with half this queue, idle machine).
+        assert exit_s < 0.2 + grace_s + 2.0 + 15.0, (exit_s, server.log()[-2000:])
         assert grpc.StatusCode.OK not in codes[1:], codes  # nothing was decoded for gone callers
     finally:
         if server.process.poll() is None:
