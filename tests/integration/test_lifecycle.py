@@ -155,9 +155,9 @@ async def start_translate_call(channel: grpc.aio.Channel) -> Awaitable[None]:
 
 
 async def start_tts_call(channel: grpc.aio.Channel) -> Awaitable[None]:
-    """A SynthesizeStream of ten sentences (seconds of Piper work), its first sentence received."""
+    """A SynthesizeStream of 60 sentences (several seconds of Piper work), its first sentence received."""
     sentences = [
-        f"This is sentence number {n}, spoken slowly so that the stream takes a while." for n in range(12)
+        f"This is sentence number {n}, spoken slowly so that the stream takes a while." for n in range(60)
     ]
     request = tts_pb2.SynthesizeRequest(request_id="life", text=" ".join(sentences), language="en")
     call = tts_pb2_grpc.SpeechSynthesisStub(channel).SynthesizeStream(request, timeout=120)
