@@ -9,5 +9,6 @@ RUN apt-get update \
 USER 65534:65534
 WORKDIR /prometheus
 EXPOSE 9090
-ENTRYPOINT ["/usr/bin/prometheus"]
+# Debian's build stores under /var/lib/prometheus by default; the official image (and this one) in /prometheus.
+ENTRYPOINT ["/usr/bin/prometheus", "--storage.tsdb.path=/prometheus"]
 CMD ["--config.file=/etc/prometheus/prometheus.yml"]

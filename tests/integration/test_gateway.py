@@ -224,7 +224,7 @@ async def test_a_recording_faster_than_real_time_loses_no_utterance(cluster, spe
     assert wer([" ".join(r["reference_text"] for r in rows)], [transcript], "en") <= 0.25, transcript
 
 
-def test_healthy_streams_log_nothing_at_warning_or_above(cluster):
+async def test_healthy_streams_log_nothing_at_warning_or_above(cluster):
     """Runs after the FLEURS streams (tracing on): no process logged a warning, an error or a traceback."""
     for name, server in cluster.items():
         if name == "metrics":
