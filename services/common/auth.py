@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from services.common.config import ConfigError
+from services.common.handlers import same_kind
 
 logger = logging.getLogger(__name__)
 
@@ -159,29 +160,6 @@ def token_name() -> str | None:
     return _CALLER.get()
 
 
-def _method_handler(
-    handler: grpc.RpcMethodHandler, behavior: Callable[..., Any], streaming_response: bool
-) -> grpc.RpcMethodHandler:
-    """A handler of ``handler``'s kind and (de)serializers that runs ``behavior``."""
-    if handler.request_streaming:
-        factory = (
-            grpc.stream_stream_rpc_method_handler
-            if streaming_response
-            else grpc.stream_unary_rpc_method_handler
-        )
-    else:
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if streaming_response
-            else grpc.unary_unary_rpc_method_handler
-        )
-    return factory(
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses, before any handler runs, a call without one of ``tokens``; health (and reflection) are open.
 
@@ -245,7 +223,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                 yield  # never reached (abort raises): outer interceptors iterate a streaming response
 
             refusal = refuse_stream if streaming_response else refuse
-            return _method_handler(handler, refusal, streaming_response)
+            return same_kind(handler, refusal)
 
         behavior = (
             handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
@@ -257,10 +235,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                 async for response in behavior(request, context):
                     yield response
 
-            return _method_handler(handler, stream, streaming_response)
+            return same_kind(handler, stream)
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             _CALLER.set(name)
             return await behavior(request, context)
 
-        return _method_handler(handler, unary, streaming_response)
+        return same_kind(handler, unary)

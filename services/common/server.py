@@ -31,6 +31,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 from services.common.auth import TokenAuthInterceptor, load_tokens
 from services.common.config import ConfigError, ServerConfig
 from services.common.errors import ParleyError
+from services.common.handlers import same_kind
 from services.common.messages import accepted, accepted_stream, checked_deserializer
 from services.common.telemetry import server_interceptors, setup_tracing
 from services.common.tls import server_credentials
@@ -113,16 +114,7 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
                 done(start, context)
                 return response
 
-            factory = (
-                grpc.unary_unary_rpc_method_handler
-                if handler.unary_unary
-                else grpc.stream_unary_rpc_method_handler
-            )
-            return factory(
-                unary_response,
-                request_deserializer=request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return same_kind(handler, unary_response, request_deserializer)
 
         behavior = handler.unary_stream or handler.stream_stream
 
@@ -137,16 +129,7 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
                 await fail(exc, context)
             done(start, context)
 
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(
-            stream_response,
-            request_deserializer=request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return same_kind(handler, stream_response, request_deserializer)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -33,6 +33,8 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+from services.common.handlers import same_kind
+
 logger = logging.getLogger(__name__)
 
 _EXCLUDED_PREFIXES = ("grpc.health.", "grpc.reflection.")
@@ -101,19 +103,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not _traced(handler_call_details):
             return handler
         if handler.unary_stream or handler.stream_stream:
-            behavior = self._stream(
-                handler.unary_stream or handler.stream_stream, handler_call_details.method
-            )
-            factory = (
-                grpc.unary_stream_rpc_method_handler
-                if handler.unary_stream
-                else grpc.stream_stream_rpc_method_handler
-            )
-            return factory(
-                behavior,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            behavior = handler.unary_stream or handler.stream_stream
+            return same_kind(handler, self._stream(behavior, handler_call_details.method))
 
         async def resolved(_: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
             return handler
