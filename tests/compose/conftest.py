@@ -96,7 +96,13 @@ class Cluster:
     figures: dict[str, float] = field(default_factory=dict)
 
     def compose(self, *args: str, timeout_s: float = 600) -> str:
-        result = subprocess.run(
+        result = self.run(*args, timeout_s=timeout_s)
+        assert result.returncode == 0, f"compose {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    def run(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+        """A Compose command on the test project (profile cpu), its outcome unchecked."""
+        return subprocess.run(
             [
                 *self.command,
                 "-p",
@@ -114,8 +120,6 @@ class Cluster:
             text=True,
             timeout=timeout_s,
         )
-        assert result.returncode == 0, f"compose {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
 
     def containers(self, service: str) -> list[Any]:
         """The service's containers (running or not), by replica number."""
@@ -213,23 +217,7 @@ def cluster(docker_client) -> Iterator[Cluster]:
         cluster.figures["cold_start_s"] = time.monotonic() - started
         yield cluster
     finally:
-        logs = subprocess.run(
-            [
-                *cluster.command,
-                "-p",
-                PROJECT,
-                "-f",
-                str(COMPOSE_FILE),
-                "-f",
-                str(OVERRIDE),
-                "logs",
-                "--no-color",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        logs = cluster.run("--profile", "observability", "logs", "--no-color", timeout_s=120)
         log_path = REPO / "out" / "compose-logs.txt"
         log_path.parent.mkdir(exist_ok=True)
         log_path.write_text(logs.stdout + logs.stderr)
