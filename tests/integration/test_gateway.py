@@ -18,14 +18,14 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from benchmarks.metrics import chrf, wer
 from parley.audio.v1 import audio_pb2
 from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.gateway.client import Collector, GatewayClient, split_pcm
-from tests.helpers import free_port, read_manifest, read_wav, start_server
+from tests.helpers import TraceReceiver, free_port, read_manifest, read_wav, start_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -36,22 +36,6 @@ SILENCE_S = 1.2
 MAX_WER = {"fr": 0.40, "en": 0.25}
 MIN_CHRF = {"en": 35.0, "fr": 25.0}
 ORDER = ["speech_started", "transcript", "translation", "audio", "timings"]
-
-
-class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """In-test OTLP/gRPC trace receiver: keeps (service name, trace id, span name) of every span."""
-
-    def __init__(self):
-        self.spans: list[tuple[str, str, str]] = []
-
-    def Export(self, request, context):
-        for resource_spans in request.resource_spans:
-            attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-            service = attrs.get("service.name", "")
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    self.spans.append((service, span.trace_id.hex(), span.name))
-        return trace_service_pb2.ExportTraceServiceResponse()
 
 
 @pytest.fixture(scope="module")
