@@ -292,16 +292,11 @@ async def test_audio_sent_at_file_speed_loses_no_utterance(cluster):
 
 async def _held_stream(cluster, pcm: bytes, release: asyncio.Event) -> tuple[Collector, grpc.StatusCode]:
     """Sends ``pcm`` at once, then keeps the stream open (like a live caller) until ``release`` is set."""
-
-    async def requests():
-        yield gateway_pb2.TranslateSpeechRequest(config=config())
-        for chunk in split_pcm(pcm, 100):
-            yield gateway_pb2.TranslateSpeechRequest(audio=chunk)
-        await release.wait()
-
+    audio = [gateway_pb2.TranslateSpeechRequest(audio=chunk) for chunk in split_pcm(pcm, 100)]
+    requests = _held(gateway_pb2.TranslateSpeechRequest(config=config()), release, *audio, gap_s=0.0)
     collector = Collector()
     async with grpc.aio.insecure_channel(cluster.gateway) as channel:
-        call = gateway_pb2_grpc.GatewayStub(channel).TranslateSpeech(requests())
+        call = gateway_pb2_grpc.GatewayStub(channel).TranslateSpeech(requests)
         async for event in call:
             collector.add(event)
         return collector, await call.code()
