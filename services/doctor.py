@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.audio import SAMPLE_RATE_HZ
+from services.common.audio import SAMPLE_RATE_HZ, float_to_pcm16
 from services.common.processes import describe_exit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,10 +114,11 @@ def _check_espeak(_audio: Path) -> str:
     voice = find_espeak_voice(executable, "fr")
     if voice is None:
         raise RuntimeError("espeak-ng has no French voice")
-    samples = EspeakSynthesizer(executable, voice).synthesize("Bonjour à tous.", 1.0)
+    synth = EspeakSynthesizer(executable, voice)
+    samples = synth.synthesize("Bonjour à tous.", 1.0)
     if samples.size == 0 or not np.any(samples):
         raise RuntimeError("espeak-ng returned no audio")
-    return f"{samples.size / 22050:.2f} s of French audio"
+    return f"{samples.size / synth.info.sample_rate_hz:.2f} s of French audio"
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ def _sample_speech(directory: Path) -> Path:
     """A sentence spoken by the bundled Piper voice, at 16 kHz, when no recording is at hand."""
     import soxr
 
+    from services.cli import write_wav
     from services.tts.config import BUNDLED_PIPER_VOICE
     from services.tts.engine import PiperSynthesizer, piper_model_path
 
@@ -210,11 +212,7 @@ def _sample_speech(directory: Path) -> Path:
     samples = synth.synthesize("And so, my fellow Americans, ask not what your country can do for you.", 1.0)
     samples = soxr.resample(samples, synth.info.sample_rate_hz, SAMPLE_RATE_HZ)
     path = directory / "sample.wav"
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE_HZ)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    write_wav(path, float_to_pcm16(samples), SAMPLE_RATE_HZ)
     return path
 
 
