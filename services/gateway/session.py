@@ -274,13 +274,11 @@ class StreamSession:
         unfinished = list(self._open.values())
         logger.warning("draining: %d utterances unfinished when the grace ran out", len(unfinished))
         for utterance in unfinished:
-            self._emit(
+            self._report(
                 utterance,
-                error=gateway_pb2.UtteranceError(
-                    stage="gateway",
-                    code=grpc.StatusCode.UNAVAILABLE.value[0],
-                    message="the gateway is shutting down: this utterance was not finished; send it again",
-                ),
+                "gateway",
+                grpc.StatusCode.UNAVAILABLE,
+                "the gateway is shutting down: this utterance was not finished; send it again",
             )
             self._close(utterance)
         for task in self._tasks[1:]:
@@ -337,14 +335,17 @@ class StreamSession:
         if code is grpc.StatusCode.DEADLINE_EXCEEDED and remaining_s is not None:
             if remaining_s <= 2 * self.down.guards[stage].margin_s:
                 raise DeadlineExceeded(f"the caller's deadline expired during {stage}") from exc
-        UTTERANCE_ERRORS.labels(stage, code.name).inc()
         details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-        logger.warning("utterance %d: %s failed: %s %s", utterance.index, stage, code.name, details)
+        self._report(utterance, stage, code, details or code.name)
+
+    def _report(self, utterance: Utterance, stage: str, code: grpc.StatusCode, message: str) -> None:
+        """Sends the utterance's error event, counted, logged and marked on its span."""
+        UTTERANCE_ERRORS.labels(stage, code.name).inc()
+        logger.warning("utterance %d: %s failed: %s %s", utterance.index, stage, code.name, message)
         if utterance.span is not None:
             utterance.span.set_attribute(f"error.{stage}", code.name)
         self._emit(
-            utterance,
-            error=gateway_pb2.UtteranceError(stage=stage, code=code.value[0], message=details or code.name),
+            utterance, error=gateway_pb2.UtteranceError(stage=stage, code=code.value[0], message=message)
         )
 
     # -- audio intake and endpointing -----------------------------------------------------------------
@@ -578,13 +579,11 @@ class StreamSession:
             if utterance.audio is not None and len(utterance.audio):
                 await self._transcribe(utterance)
             elif utterance.end_ms > utterance.start_ms:  # (an empty span is a VAD outage's, reported)
-                self._emit(
+                self._report(
                     utterance,
-                    error=gateway_pb2.UtteranceError(
-                        stage="gateway",
-                        code=grpc.StatusCode.DATA_LOSS.value[0],
-                        message=f"audio {utterance.start_ms}-{utterance.end_ms} ms was no longer buffered",
-                    ),
+                    "gateway",
+                    grpc.StatusCode.DATA_LOSS,
+                    f"audio {utterance.start_ms}-{utterance.end_ms} ms was no longer buffered",
                 )
             QUEUE_DEPTH.labels("translate").inc()
             await self._mt_q.put(utterance)
