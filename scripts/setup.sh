@@ -24,7 +24,7 @@ fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$llama_version')" 2>/dev/null; then
   step "[2/5] installing the locked dependencies ($lock). This includes building llama-cpp-python $llama_version"
-  step "      from source (it compiles llama.cpp, C++): 5-8 minutes on 2 cores, once; pip caches the wheel."
+  step "      from source (it compiles llama.cpp, C++): 3-8 minutes on 2 cores, once; pip caches the wheel."
 else
   step "[2/5] installing the locked dependencies ($lock)"
 fi
