@@ -199,6 +199,9 @@ def cluster(docker_client) -> Iterator[Cluster]:
     cluster.compose("--profile", "observability", "down", "--volumes", "--remove-orphans", timeout_s=120)
     started = time.monotonic()
     try:
+        # One container first: Docker copies the image's models into the new volume when a container first
+        # mounts it, and five doing so at once race ("failed to mkdir ...: file exists", seen here).
+        cluster.compose("up", "-d", "--no-build", "vad", timeout_s=300)
         cluster.compose("up", "-d", "--no-build", "--wait", "--wait-timeout", "600", timeout_s=660)
         cluster.figures["cold_start_s"] = time.monotonic() - started
         yield cluster
