@@ -40,6 +40,11 @@ class VadConfig(StreamLimitsConfig, BatchingConfig, ServerConfig):
     min_silence_ms: int = option(
         500, "Default silence that ends a segment (endpointing delay), in milliseconds."
     )
+    pause_ms: int = option(
+        0,
+        "Default StreamDetect pause: silence inside speech that sends a SpeechPaused event, in milliseconds "
+        "(0: none). The gateway asks for its own (--clause-pause-ms).",
+    )
     speech_pad_ms: int = option(30, "Default padding added on each side of a segment, in milliseconds.")
     max_speech_s: float = option(30.0, "Default longest segment before it is split, in seconds.")
     max_audio_s: float = option(3600.0, "Longest clip Detect accepts, in seconds.")

@@ -53,6 +53,8 @@ class VadParams:
         min_silence_ms: Silence that ends a segment, in ms.
         speech_pad_ms: Padding on each side of a segment, in ms (halved between two close segments).
         max_speech_s: Longer speech is split, at a silence over 98 ms when there is one, in seconds.
+        pause_ms: Silence inside a kept segment that emits a :class:`SpeechPause` (streaming), in ms; 0 for
+            none. It does not change segmentation.
     """
 
     threshold: float = 0.5
@@ -60,6 +62,7 @@ class VadParams:
     min_silence_ms: int = 500
     speech_pad_ms: int = 30
     max_speech_s: float = 30.0
+    pause_ms: int = 0
 
     def validate(self) -> VadParams:
         """Returns ``self`` when every value is in range.
@@ -77,6 +80,8 @@ class VadParams:
             raise InvalidArgument(
                 f"parameters.min_silence_ms {self.min_silence_ms} is outside [0, {MAX_MIN_SILENCE_MS}]"
             )
+        if not 0 <= self.pause_ms <= MAX_MIN_SILENCE_MS:
+            raise InvalidArgument(f"parameters.pause_ms {self.pause_ms} is outside [0, {MAX_MIN_SILENCE_MS}]")
         if not 0 <= self.speech_pad_ms <= MAX_SPEECH_PAD_MS:
             raise InvalidArgument(
                 f"parameters.speech_pad_ms {self.speech_pad_ms} is outside [0, {MAX_SPEECH_PAD_MS}]"
@@ -137,7 +142,30 @@ class SpeechEnd:
     segment: Segment
 
 
-Event = SpeechStart | SpeechEnd
+@dataclasses.dataclass(frozen=True)
+class SpeechPause:
+    """Speech stopped ``pause_ms`` ago inside a kept segment that has not ended (it may resume).
+
+    Attributes:
+        start_sample: Start of the segment in progress, padding included (as its :class:`SpeechStart`).
+        end_sample: End of the speech before the silence plus the padding, at 16 kHz.
+    """
+
+    start_sample: int
+    end_sample: int
+
+    @property
+    def start_ms(self) -> int:
+        """Start of the segment, in ms from the start of the audio."""
+        return round(self.start_sample / _SAMPLES_PER_MS)
+
+    @property
+    def end_ms(self) -> int:
+        """End of the speech before the pause, in ms from the start of the audio."""
+        return round(self.end_sample / _SAMPLES_PER_MS)
+
+
+Event = SpeechStart | SpeechPause | SpeechEnd
 
 
 @dataclasses.dataclass
@@ -154,7 +182,8 @@ class Segmenter:
     """faster-whisper's ``get_speech_timestamps`` post-processing, fed one frame probability at a time.
 
     Each frame is 512 samples at 16 kHz. Events come out as soon as they are certain: ``SpeechStart`` once
-    the segment in progress can no longer be dropped as too short, ``SpeechEnd`` once its padded end cannot
+    the segment in progress can no longer be dropped as too short, ``SpeechPause`` once a started segment
+    has been silent for ``pause_ms`` (at most once per silence), ``SpeechEnd`` once its padded end cannot
     change (its end padding depends on where the next kept segment starts). After :meth:`finish`, the
     ``SpeechEnd`` segments are exactly those ``get_speech_timestamps`` returns on the same probabilities.
 
@@ -169,6 +198,8 @@ class Segmenter:
         self._min_silence = SAMPLE_RATE_HZ * params.min_silence_ms / 1000
         self._pad = SAMPLE_RATE_HZ * params.speech_pad_ms // 1000
         self._max_speech = SAMPLE_RATE_HZ * params.max_speech_s - WINDOW_SAMPLES - 2 * self._pad
+        self._pause = SAMPLE_RATE_HZ * params.pause_ms / 1000
+        self._paused = False  # SpeechPause sent for the current silence
         self._frame = 0
         self._triggered = False
         self._start = 0
@@ -210,6 +241,7 @@ class Segmenter:
         self._frame += 1
         self._probs.append(prob)
         self._step_rules(prob, pos, events)
+        self._check_pause(pos, events)
         if self._triggered and not self._started:
             candidate_end = self._temp_end or pos
             if candidate_end - self._start > self._min_speech:
@@ -224,6 +256,14 @@ class Segmenter:
         if keep_from > self._probs_base:
             del self._probs[: keep_from - self._probs_base]
             self._probs_base = keep_from
+
+    def _check_pause(self, pos: int, events: list[Event]) -> None:
+        if not (self._triggered and self._temp_end):
+            self._paused = False  # speech goes on (or no segment): the next silence may pause again
+            return
+        if self._pause and self._started and not self._paused and pos - self._temp_end >= self._pause:
+            self._paused = True
+            events.append(SpeechPause(self._padded_start(self._start), self._temp_end + self._pad))
 
     def _step_rules(self, prob: float, pos: int, events: list[Event]) -> None:
         # A line-by-line port of the loop body of faster_whisper.vad.get_speech_timestamps.

@@ -20,6 +20,7 @@ from services.vad.engine import (
     Event,
     ModelState,
     Segment,
+    SpeechPause,
     SpeechStart,
     StreamEndpointer,
     VadParams,
@@ -48,6 +49,7 @@ def resolve_params(request: vad_pb2.VadParameters, config: VadConfig) -> VadPara
         min_silence_ms=int(pick("min_silence_ms")),
         speech_pad_ms=int(pick("speech_pad_ms")),
         max_speech_s=float(pick("max_speech_s")),
+        pause_ms=int(pick("pause_ms")),
     ).validate()
 
 
@@ -61,8 +63,9 @@ def _segment_pb(segment: Segment) -> vad_pb2.SpeechSegment:
 STREAM_PRIORITY = 0
 CLIP_PRIORITY = 1
 # A StreamDetect response with no event, only audio_processed_ms, goes out after this much audio without
-# an event, so a caller holding audio for utterances still to come (the gateway) can release what is done.
-PROGRESS_INTERVAL_MS = 1000
+# an event, so a caller holding audio for utterances still to come (the gateway) can release what is done,
+# and a caller that forwards audio to STT only once the VAD has seen it (the gateway) forwards it promptly.
+PROGRESS_INTERVAL_MS = 200
 
 VadBatcher = DynamicBatcher[tuple[np.ndarray, ModelState], tuple[np.ndarray, ModelState]]
 
@@ -128,7 +131,7 @@ class VadServicer(vad_pb2_grpc.VoiceActivityDetectionServicer):
         request_iterator: AsyncIterator[vad_pb2.StreamDetectRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[vad_pb2.StreamDetectResponse]:
-        """Endpointing of a live stream: SpeechStarted and SpeechEnded events as speech begins and ends.
+        """Endpointing of a live stream: SpeechStarted, SpeechPaused and SpeechEnded events.
 
         Raises:
             InvalidArgument: No config first, a second config, bad parameters, a bad format or bad audio.
@@ -167,6 +170,14 @@ class VadServicer(vad_pb2_grpc.VoiceActivityDetectionServicer):
                         vad_pb2.StreamDetectResponse(
                             request_id=request_id,
                             speech_started=vad_pb2.SpeechStarted(start_ms=event.start_ms),
+                            audio_processed_ms=processed_ms,
+                        )
+                    )
+                elif isinstance(event, SpeechPause):
+                    out.append(
+                        vad_pb2.StreamDetectResponse(
+                            request_id=request_id,
+                            speech_paused=vad_pb2.SpeechPaused(start_ms=event.start_ms, end_ms=event.end_ms),
                             audio_processed_ms=processed_ms,
                         )
                     )

@@ -69,30 +69,80 @@ class Transcript(_message.Message):
     language: str
     def __init__(self, text: _Optional[str] = ..., is_final: _Optional[bool] = ..., stability: _Optional[float] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., language: _Optional[str] = ...) -> None: ...
 
+class Word(_message.Message):
+    __slots__ = ("word", "start_ms", "end_ms", "probability")
+    WORD_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    word: str
+    start_ms: int
+    end_ms: int
+    probability: float
+    def __init__(self, word: _Optional[str] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class TranscriptCommit(_message.Message):
+    __slots__ = ("text", "start_ms", "end_ms", "words", "clause_index", "closes_clause")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    CLAUSE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CLOSES_CLAUSE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    start_ms: int
+    end_ms: int
+    words: _containers.RepeatedCompositeFieldContainer[Word]
+    clause_index: int
+    closes_clause: bool
+    def __init__(self, text: _Optional[str] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ..., clause_index: _Optional[int] = ..., closes_clause: _Optional[bool] = ...) -> None: ...
+
 class Translation(_message.Message):
-    __slots__ = ("text", "source_language", "target_language")
+    __slots__ = ("text", "source_language", "target_language", "clause_index")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    CLAUSE_INDEX_FIELD_NUMBER: _ClassVar[int]
     text: str
     source_language: str
     target_language: str
-    def __init__(self, text: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ...) -> None: ...
+    clause_index: int
+    def __init__(self, text: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., clause_index: _Optional[int] = ...) -> None: ...
 
 class SynthesizedAudio(_message.Message):
-    __slots__ = ("audio", "format", "sentence_index", "is_last")
+    __slots__ = ("audio", "format", "sentence_index", "is_last", "clause_index")
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     SENTENCE_INDEX_FIELD_NUMBER: _ClassVar[int]
     IS_LAST_FIELD_NUMBER: _ClassVar[int]
+    CLAUSE_INDEX_FIELD_NUMBER: _ClassVar[int]
     audio: bytes
     format: _audio_pb2.AudioFormat
     sentence_index: int
     is_last: bool
-    def __init__(self, audio: _Optional[bytes] = ..., format: _Optional[_Union[_audio_pb2.AudioFormat, _Mapping]] = ..., sentence_index: _Optional[int] = ..., is_last: _Optional[bool] = ...) -> None: ...
+    clause_index: int
+    def __init__(self, audio: _Optional[bytes] = ..., format: _Optional[_Union[_audio_pb2.AudioFormat, _Mapping]] = ..., sentence_index: _Optional[int] = ..., is_last: _Optional[bool] = ..., clause_index: _Optional[int] = ...) -> None: ...
+
+class ClauseTimings(_message.Message):
+    __slots__ = ("clause_index", "end_ms", "end_of_speech_to_commit_ms", "end_of_speech_to_translation_ms", "end_of_speech_to_first_audio_ms", "translation_ms", "tts_first_audio_ms")
+    CLAUSE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    END_OF_SPEECH_TO_COMMIT_MS_FIELD_NUMBER: _ClassVar[int]
+    END_OF_SPEECH_TO_TRANSLATION_MS_FIELD_NUMBER: _ClassVar[int]
+    END_OF_SPEECH_TO_FIRST_AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATION_MS_FIELD_NUMBER: _ClassVar[int]
+    TTS_FIRST_AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    clause_index: int
+    end_ms: int
+    end_of_speech_to_commit_ms: float
+    end_of_speech_to_translation_ms: float
+    end_of_speech_to_first_audio_ms: float
+    translation_ms: float
+    tts_first_audio_ms: float
+    def __init__(self, clause_index: _Optional[int] = ..., end_ms: _Optional[int] = ..., end_of_speech_to_commit_ms: _Optional[float] = ..., end_of_speech_to_translation_ms: _Optional[float] = ..., end_of_speech_to_first_audio_ms: _Optional[float] = ..., translation_ms: _Optional[float] = ..., tts_first_audio_ms: _Optional[float] = ...) -> None: ...
 
 class UtteranceTimings(_message.Message):
-    __slots__ = ("end_of_speech_to_transcript_ms", "end_of_speech_to_translation_ms", "end_of_speech_to_first_audio_ms", "stt_ms", "translation_ms", "tts_first_audio_ms", "tts_ms")
+    __slots__ = ("end_of_speech_to_transcript_ms", "end_of_speech_to_translation_ms", "end_of_speech_to_first_audio_ms", "stt_ms", "translation_ms", "tts_first_audio_ms", "tts_ms", "clauses")
     END_OF_SPEECH_TO_TRANSCRIPT_MS_FIELD_NUMBER: _ClassVar[int]
     END_OF_SPEECH_TO_TRANSLATION_MS_FIELD_NUMBER: _ClassVar[int]
     END_OF_SPEECH_TO_FIRST_AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +150,7 @@ class UtteranceTimings(_message.Message):
     TRANSLATION_MS_FIELD_NUMBER: _ClassVar[int]
     TTS_FIRST_AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
     TTS_MS_FIELD_NUMBER: _ClassVar[int]
+    CLAUSES_FIELD_NUMBER: _ClassVar[int]
     end_of_speech_to_transcript_ms: float
     end_of_speech_to_translation_ms: float
     end_of_speech_to_first_audio_ms: float
@@ -107,7 +158,8 @@ class UtteranceTimings(_message.Message):
     translation_ms: float
     tts_first_audio_ms: float
     tts_ms: float
-    def __init__(self, end_of_speech_to_transcript_ms: _Optional[float] = ..., end_of_speech_to_translation_ms: _Optional[float] = ..., end_of_speech_to_first_audio_ms: _Optional[float] = ..., stt_ms: _Optional[float] = ..., translation_ms: _Optional[float] = ..., tts_first_audio_ms: _Optional[float] = ..., tts_ms: _Optional[float] = ...) -> None: ...
+    clauses: int
+    def __init__(self, end_of_speech_to_transcript_ms: _Optional[float] = ..., end_of_speech_to_translation_ms: _Optional[float] = ..., end_of_speech_to_first_audio_ms: _Optional[float] = ..., stt_ms: _Optional[float] = ..., translation_ms: _Optional[float] = ..., tts_first_audio_ms: _Optional[float] = ..., tts_ms: _Optional[float] = ..., clauses: _Optional[int] = ...) -> None: ...
 
 class UtteranceError(_message.Message):
     __slots__ = ("stage", "code", "message")
@@ -128,7 +180,7 @@ class EndOfStream(_message.Message):
     def __init__(self, utterances: _Optional[int] = ..., audio_duration_s: _Optional[float] = ...) -> None: ...
 
 class TranslateSpeechResponse(_message.Message):
-    __slots__ = ("request_id", "utterance_index", "speech_started", "transcript", "translation", "audio", "timings", "error", "end_of_stream")
+    __slots__ = ("request_id", "utterance_index", "speech_started", "transcript", "translation", "audio", "timings", "error", "end_of_stream", "commit", "clause_timings")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     UTTERANCE_INDEX_FIELD_NUMBER: _ClassVar[int]
     SPEECH_STARTED_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +190,8 @@ class TranslateSpeechResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     END_OF_STREAM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    CLAUSE_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     utterance_index: int
     speech_started: SpeechStarted
@@ -147,7 +201,9 @@ class TranslateSpeechResponse(_message.Message):
     timings: UtteranceTimings
     error: UtteranceError
     end_of_stream: EndOfStream
-    def __init__(self, request_id: _Optional[str] = ..., utterance_index: _Optional[int] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., translation: _Optional[_Union[Translation, _Mapping]] = ..., audio: _Optional[_Union[SynthesizedAudio, _Mapping]] = ..., timings: _Optional[_Union[UtteranceTimings, _Mapping]] = ..., error: _Optional[_Union[UtteranceError, _Mapping]] = ..., end_of_stream: _Optional[_Union[EndOfStream, _Mapping]] = ...) -> None: ...
+    commit: TranscriptCommit
+    clause_timings: ClauseTimings
+    def __init__(self, request_id: _Optional[str] = ..., utterance_index: _Optional[int] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ..., translation: _Optional[_Union[Translation, _Mapping]] = ..., audio: _Optional[_Union[SynthesizedAudio, _Mapping]] = ..., timings: _Optional[_Union[UtteranceTimings, _Mapping]] = ..., error: _Optional[_Union[UtteranceError, _Mapping]] = ..., end_of_stream: _Optional[_Union[EndOfStream, _Mapping]] = ..., commit: _Optional[_Union[TranscriptCommit, _Mapping]] = ..., clause_timings: _Optional[_Union[ClauseTimings, _Mapping]] = ...) -> None: ...
 
 class TranslateFileConfig(_message.Message):
     __slots__ = ("request_id", "source_language", "target_language", "input_format", "beam_size")

@@ -51,7 +51,13 @@ class GatewayServicer:
 
     def TranslateSpeech(self, request_iterator, context):
         """First message a config, then audio chunks of any size. Responses carry the request id and the
-        utterance index, in order per utterance; an EndOfStream closes the call after the client half-closes.
+        utterance index; an EndOfStream closes the call after the client half-closes. Incremental: words are
+        committed while the speaker talks, and each clause is translated and spoken as soon as it is committed.
+        Order a client can rely on: every event of utterance n comes before any of utterance n+1. Within an
+        utterance: speech_started first; then, interleaved, interim transcripts and commits (in time order),
+        and for each clause k its translation, then its audio chunks (clause k's audio before clause k+1's);
+        errors where they happen; the final transcript after the last commit; timings last. A clause's
+        clause_timings follow its last audio chunk.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -13,9 +13,18 @@ class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_UNSPECIFIED: _ClassVar[Task]
     TRANSCRIBE: _ClassVar[Task]
     TRANSLATE: _ClassVar[Task]
+
+class CommitPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMMIT_POLICY_UNSPECIFIED: _ClassVar[CommitPolicy]
+    LOCAL_AGREEMENT: _ClassVar[CommitPolicy]
+    UTTERANCE: _ClassVar[CommitPolicy]
 TASK_UNSPECIFIED: Task
 TRANSCRIBE: Task
 TRANSLATE: Task
+COMMIT_POLICY_UNSPECIFIED: CommitPolicy
+LOCAL_AGREEMENT: CommitPolicy
+UTTERANCE: CommitPolicy
 
 class RecognitionConfig(_message.Message):
     __slots__ = ("language", "beam_size", "word_timestamps", "initial_prompt", "hotwords", "vad_filter", "task", "priority")
@@ -98,27 +107,51 @@ class TranscribeResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., language: _Optional[str] = ..., language_probability: _Optional[float] = ..., duration_s: _Optional[float] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., dropped_segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
 
 class StreamingRecognitionConfig(_message.Message):
-    __slots__ = ("request_id", "format", "config", "interim_results")
+    __slots__ = ("request_id", "format", "config", "interim_results", "commit_policy", "caller_endpointing")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     INTERIM_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    CALLER_ENDPOINTING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     format: _audio_pb2.AudioFormat
     config: RecognitionConfig
     interim_results: bool
-    def __init__(self, request_id: _Optional[str] = ..., format: _Optional[_Union[_audio_pb2.AudioFormat, _Mapping]] = ..., config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., interim_results: _Optional[bool] = ...) -> None: ...
+    commit_policy: CommitPolicy
+    caller_endpointing: bool
+    def __init__(self, request_id: _Optional[str] = ..., format: _Optional[_Union[_audio_pb2.AudioFormat, _Mapping]] = ..., config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., interim_results: _Optional[bool] = ..., commit_policy: _Optional[_Union[CommitPolicy, str]] = ..., caller_endpointing: _Optional[bool] = ...) -> None: ...
+
+class SpeechBoundary(_message.Message):
+    __slots__ = ("kind", "at_ms")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[SpeechBoundary.Kind]
+        START: _ClassVar[SpeechBoundary.Kind]
+        PAUSE: _ClassVar[SpeechBoundary.Kind]
+        END: _ClassVar[SpeechBoundary.Kind]
+    KIND_UNSPECIFIED: SpeechBoundary.Kind
+    START: SpeechBoundary.Kind
+    PAUSE: SpeechBoundary.Kind
+    END: SpeechBoundary.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    kind: SpeechBoundary.Kind
+    at_ms: int
+    def __init__(self, kind: _Optional[_Union[SpeechBoundary.Kind, str]] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class StreamingRecognizeRequest(_message.Message):
-    __slots__ = ("streaming_config", "audio_content")
+    __slots__ = ("streaming_config", "audio_content", "boundary")
     STREAMING_CONFIG_FIELD_NUMBER: _ClassVar[int]
     AUDIO_CONTENT_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     streaming_config: StreamingRecognitionConfig
     audio_content: bytes
-    def __init__(self, streaming_config: _Optional[_Union[StreamingRecognitionConfig, _Mapping]] = ..., audio_content: _Optional[bytes] = ...) -> None: ...
+    boundary: SpeechBoundary
+    def __init__(self, streaming_config: _Optional[_Union[StreamingRecognitionConfig, _Mapping]] = ..., audio_content: _Optional[bytes] = ..., boundary: _Optional[_Union[SpeechBoundary, _Mapping]] = ...) -> None: ...
 
 class StreamingRecognitionResult(_message.Message):
-    __slots__ = ("transcript", "is_final", "stability", "utterance_index", "start_ms", "end_ms", "language", "segments")
+    __slots__ = ("transcript", "is_final", "stability", "utterance_index", "start_ms", "end_ms", "language", "segments", "committed", "closes_clause", "commit_index")
     TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
     IS_FINAL_FIELD_NUMBER: _ClassVar[int]
     STABILITY_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +160,9 @@ class StreamingRecognitionResult(_message.Message):
     END_MS_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    CLOSES_CLAUSE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     transcript: str
     is_final: bool
     stability: float
@@ -135,7 +171,10 @@ class StreamingRecognitionResult(_message.Message):
     end_ms: int
     language: str
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
-    def __init__(self, transcript: _Optional[str] = ..., is_final: _Optional[bool] = ..., stability: _Optional[float] = ..., utterance_index: _Optional[int] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., language: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+    committed: Segment
+    closes_clause: bool
+    commit_index: int
+    def __init__(self, transcript: _Optional[str] = ..., is_final: _Optional[bool] = ..., stability: _Optional[float] = ..., utterance_index: _Optional[int] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., language: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., committed: _Optional[_Union[Segment, _Mapping]] = ..., closes_clause: _Optional[bool] = ..., commit_index: _Optional[int] = ...) -> None: ...
 
 class StreamingRecognizeResponse(_message.Message):
     __slots__ = ("request_id", "results", "audio_processed_s")

@@ -57,8 +57,12 @@ class SpeechToTextServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamingRecognize(self, request_iterator, context):
-        """Riva's streaming shape: first message a config, then audio chunks; interim results
-        (is_final = false, with a stability) and one final result per utterance.
+        """Riva's streaming shape: first message a config, then audio chunks, and the caller's speech boundaries
+        (its VAD's: the VAD service owns endpointing). Incremental recognition: while an utterance goes on, the
+        audio not yet committed is re-decoded and the words successive hypotheses agree on are committed
+        (LocalAgreement-2); committed words are never retracted. Results: interim (is_final = false, with a
+        stability, and the words newly committed, if any) and one final result per utterance (its committed
+        words, all of them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from parley.audio.v1 import audio_pb2 as parley_dot_audio_dot_v1_dot_audio__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17parley/vad/v1/vad.proto\x12\rparley.vad.v1\x1a\x1bparley/audio/v1/audio.proto\"\xed\x01\n\rVadParameters\x12\x16\n\tthreshold\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\rmin_speech_ms\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x0emin_silence_ms\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1a\n\rspeech_pad_ms\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x19\n\x0cmax_speech_s\x18\x05 \x01(\x02H\x04\x88\x01\x01\x42\x0c\n\n_thresholdB\x10\n\x0e_min_speech_msB\x11\n\x0f_min_silence_msB\x10\n\x0e_speech_pad_msB\x0f\n\r_max_speech_s\"E\n\rSpeechSegment\x12\x10\n\x08start_ms\x18\x01 \x01(\x04\x12\x0e\n\x06\x65nd_ms\x18\x02 \x01(\x04\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"\x92\x01\n\rDetectRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x61udio\x18\x02 \x01(\x0c\x12,\n\x06\x66ormat\x18\x03 \x01(\x0b\x32\x1c.parley.audio.v1.AudioFormat\x12\x30\n\nparameters\x18\x04 \x01(\x0b\x32\x1c.parley.vad.v1.VadParameters\"h\n\x0e\x44\x65tectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x08segments\x18\x02 \x03(\x0b\x32\x1c.parley.vad.v1.SpeechSegment\x12\x12\n\nduration_s\x18\x03 \x01(\x02\"\x88\x01\n\x12StreamDetectConfig\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x06\x66ormat\x18\x02 \x01(\x0b\x32\x1c.parley.audio.v1.AudioFormat\x12\x30\n\nparameters\x18\x03 \x01(\x0b\x32\x1c.parley.vad.v1.VadParameters\"f\n\x13StreamDetectRequest\x12\x33\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.parley.vad.v1.StreamDetectConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\t\n\x07request\"!\n\rSpeechStarted\x12\x10\n\x08start_ms\x18\x01 \x01(\x04\"<\n\x0bSpeechEnded\x12-\n\x07segment\x18\x01 \x01(\x0b\x32\x1c.parley.vad.v1.SpeechSegment\"\xbb\x01\n\x14StreamDetectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x36\n\x0espeech_started\x18\x02 \x01(\x0b\x32\x1c.parley.vad.v1.SpeechStartedH\x00\x12\x32\n\x0cspeech_ended\x18\x03 \x01(\x0b\x32\x1a.parley.vad.v1.SpeechEndedH\x00\x12\x1a\n\x12\x61udio_processed_ms\x18\x04 \x01(\x04\x42\x07\n\x05\x65vent2\xbc\x01\n\x16VoiceActivityDetection\x12\x45\n\x06\x44\x65tect\x12\x1c.parley.vad.v1.DetectRequest\x1a\x1d.parley.vad.v1.DetectResponse\x12[\n\x0cStreamDetect\x12\".parley.vad.v1.StreamDetectRequest\x1a#.parley.vad.v1.StreamDetectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17parley/vad/v1/vad.proto\x12\rparley.vad.v1\x1a\x1bparley/audio/v1/audio.proto\"\x91\x02\n\rVadParameters\x12\x16\n\tthreshold\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\rmin_speech_ms\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x0emin_silence_ms\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1a\n\rspeech_pad_ms\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x19\n\x0cmax_speech_s\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x15\n\x08pause_ms\x18\x06 \x01(\rH\x05\x88\x01\x01\x42\x0c\n\n_thresholdB\x10\n\x0e_min_speech_msB\x11\n\x0f_min_silence_msB\x10\n\x0e_speech_pad_msB\x0f\n\r_max_speech_sB\x0b\n\t_pause_ms\"E\n\rSpeechSegment\x12\x10\n\x08start_ms\x18\x01 \x01(\x04\x12\x0e\n\x06\x65nd_ms\x18\x02 \x01(\x04\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"\x92\x01\n\rDetectRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x61udio\x18\x02 \x01(\x0c\x12,\n\x06\x66ormat\x18\x03 \x01(\x0b\x32\x1c.parley.audio.v1.AudioFormat\x12\x30\n\nparameters\x18\x04 \x01(\x0b\x32\x1c.parley.vad.v1.VadParameters\"h\n\x0e\x44\x65tectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x08segments\x18\x02 \x03(\x0b\x32\x1c.parley.vad.v1.SpeechSegment\x12\x12\n\nduration_s\x18\x03 \x01(\x02\"\x88\x01\n\x12StreamDetectConfig\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x06\x66ormat\x18\x02 \x01(\x0b\x32\x1c.parley.audio.v1.AudioFormat\x12\x30\n\nparameters\x18\x03 \x01(\x0b\x32\x1c.parley.vad.v1.VadParameters\"f\n\x13StreamDetectRequest\x12\x33\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.parley.vad.v1.StreamDetectConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\t\n\x07request\"!\n\rSpeechStarted\x12\x10\n\x08start_ms\x18\x01 \x01(\x04\"0\n\x0cSpeechPaused\x12\x10\n\x08start_ms\x18\x01 \x01(\x04\x12\x0e\n\x06\x65nd_ms\x18\x02 \x01(\x04\"<\n\x0bSpeechEnded\x12-\n\x07segment\x18\x01 \x01(\x0b\x32\x1c.parley.vad.v1.SpeechSegment\"\xf1\x01\n\x14StreamDetectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x36\n\x0espeech_started\x18\x02 \x01(\x0b\x32\x1c.parley.vad.v1.SpeechStartedH\x00\x12\x32\n\x0cspeech_ended\x18\x03 \x01(\x0b\x32\x1a.parley.vad.v1.SpeechEndedH\x00\x12\x34\n\rspeech_paused\x18\x05 \x01(\x0b\x32\x1b.parley.vad.v1.SpeechPausedH\x00\x12\x1a\n\x12\x61udio_processed_ms\x18\x04 \x01(\x04\x42\x07\n\x05\x65vent2\xbc\x01\n\x16VoiceActivityDetection\x12\x45\n\x06\x44\x65tect\x12\x1c.parley.vad.v1.DetectRequest\x1a\x1d.parley.vad.v1.DetectResponse\x12[\n\x0cStreamDetect\x12\".parley.vad.v1.StreamDetectRequest\x1a#.parley.vad.v1.StreamDetectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'parley.vad.v1.vad_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VADPARAMETERS']._serialized_start=72
-  _globals['_VADPARAMETERS']._serialized_end=309
-  _globals['_SPEECHSEGMENT']._serialized_start=311
-  _globals['_SPEECHSEGMENT']._serialized_end=380
-  _globals['_DETECTREQUEST']._serialized_start=383
-  _globals['_DETECTREQUEST']._serialized_end=529
-  _globals['_DETECTRESPONSE']._serialized_start=531
-  _globals['_DETECTRESPONSE']._serialized_end=635
-  _globals['_STREAMDETECTCONFIG']._serialized_start=638
-  _globals['_STREAMDETECTCONFIG']._serialized_end=774
-  _globals['_STREAMDETECTREQUEST']._serialized_start=776
-  _globals['_STREAMDETECTREQUEST']._serialized_end=878
-  _globals['_SPEECHSTARTED']._serialized_start=880
-  _globals['_SPEECHSTARTED']._serialized_end=913
-  _globals['_SPEECHENDED']._serialized_start=915
-  _globals['_SPEECHENDED']._serialized_end=975
-  _globals['_STREAMDETECTRESPONSE']._serialized_start=978
-  _globals['_STREAMDETECTRESPONSE']._serialized_end=1165
-  _globals['_VOICEACTIVITYDETECTION']._serialized_start=1168
-  _globals['_VOICEACTIVITYDETECTION']._serialized_end=1356
+  _globals['_VADPARAMETERS']._serialized_end=345
+  _globals['_SPEECHSEGMENT']._serialized_start=347
+  _globals['_SPEECHSEGMENT']._serialized_end=416
+  _globals['_DETECTREQUEST']._serialized_start=419
+  _globals['_DETECTREQUEST']._serialized_end=565
+  _globals['_DETECTRESPONSE']._serialized_start=567
+  _globals['_DETECTRESPONSE']._serialized_end=671
+  _globals['_STREAMDETECTCONFIG']._serialized_start=674
+  _globals['_STREAMDETECTCONFIG']._serialized_end=810
+  _globals['_STREAMDETECTREQUEST']._serialized_start=812
+  _globals['_STREAMDETECTREQUEST']._serialized_end=914
+  _globals['_SPEECHSTARTED']._serialized_start=916
+  _globals['_SPEECHSTARTED']._serialized_end=949
+  _globals['_SPEECHPAUSED']._serialized_start=951
+  _globals['_SPEECHPAUSED']._serialized_end=999
+  _globals['_SPEECHENDED']._serialized_start=1001
+  _globals['_SPEECHENDED']._serialized_end=1061
+  _globals['_STREAMDETECTRESPONSE']._serialized_start=1064
+  _globals['_STREAMDETECTRESPONSE']._serialized_end=1305
+  _globals['_VOICEACTIVITYDETECTION']._serialized_start=1308
+  _globals['_VOICEACTIVITYDETECTION']._serialized_end=1496
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VadParameters(_message.Message):
-    __slots__ = ("threshold", "min_speech_ms", "min_silence_ms", "speech_pad_ms", "max_speech_s")
+    __slots__ = ("threshold", "min_speech_ms", "min_silence_ms", "speech_pad_ms", "max_speech_s", "pause_ms")
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MIN_SPEECH_MS_FIELD_NUMBER: _ClassVar[int]
     MIN_SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
     SPEECH_PAD_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_SPEECH_S_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
     threshold: float
     min_speech_ms: int
     min_silence_ms: int
     speech_pad_ms: int
     max_speech_s: float
-    def __init__(self, threshold: _Optional[float] = ..., min_speech_ms: _Optional[int] = ..., min_silence_ms: _Optional[int] = ..., speech_pad_ms: _Optional[int] = ..., max_speech_s: _Optional[float] = ...) -> None: ...
+    pause_ms: int
+    def __init__(self, threshold: _Optional[float] = ..., min_speech_ms: _Optional[int] = ..., min_silence_ms: _Optional[int] = ..., speech_pad_ms: _Optional[int] = ..., max_speech_s: _Optional[float] = ..., pause_ms: _Optional[int] = ...) -> None: ...
 
 class SpeechSegment(_message.Message):
     __slots__ = ("start_ms", "end_ms", "confidence")
@@ -77,6 +79,14 @@ class SpeechStarted(_message.Message):
     start_ms: int
     def __init__(self, start_ms: _Optional[int] = ...) -> None: ...
 
+class SpeechPaused(_message.Message):
+    __slots__ = ("start_ms", "end_ms")
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    start_ms: int
+    end_ms: int
+    def __init__(self, start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ...) -> None: ...
+
 class SpeechEnded(_message.Message):
     __slots__ = ("segment",)
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
@@ -84,13 +94,15 @@ class SpeechEnded(_message.Message):
     def __init__(self, segment: _Optional[_Union[SpeechSegment, _Mapping]] = ...) -> None: ...
 
 class StreamDetectResponse(_message.Message):
-    __slots__ = ("request_id", "speech_started", "speech_ended", "audio_processed_ms")
+    __slots__ = ("request_id", "speech_started", "speech_ended", "speech_paused", "audio_processed_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEECH_STARTED_FIELD_NUMBER: _ClassVar[int]
     SPEECH_ENDED_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_PAUSED_FIELD_NUMBER: _ClassVar[int]
     AUDIO_PROCESSED_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     speech_started: SpeechStarted
     speech_ended: SpeechEnded
+    speech_paused: SpeechPaused
     audio_processed_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_ended: _Optional[_Union[SpeechEnded, _Mapping]] = ..., audio_processed_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_ended: _Optional[_Union[SpeechEnded, _Mapping]] = ..., speech_paused: _Optional[_Union[SpeechPaused, _Mapping]] = ..., audio_processed_ms: _Optional[int] = ...) -> None: ...

@@ -58,7 +58,8 @@ class VoiceActivityDetectionServicer:
 
     def StreamDetect(self, request_iterator, context):
         """Endpointing of a live stream: first message a config, then audio chunks of any size.
-        Emits a SpeechStarted event when speech begins and a SpeechEnded event with the segment when it ends.
+        Emits a SpeechStarted event when speech begins, SpeechPaused at each pause of pause_ms inside it, and a
+        SpeechEnded event with the segment when it ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,183 @@
+"""The incremental commit policy (LocalAgreement-2, clause cuts, boundaries) on recorded hypothesis sequences.
+
+No model: each test scripts what the decoder returns for each job and checks what is committed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.stt.streaming import (
+    SAMPLES_PER_MS,
+    BoundaryKind,
+    Policy,
+    StreamingParams,
+    StreamRecognizer,
+    TimedWord,
+)
+
+
+def words(*spec: tuple[str, int, int]) -> list[TimedWord]:
+    return [TimedWord(f" {w}", start, end) for w, start, end in spec]
+
+
+def feed_ms(rec: StreamRecognizer, ms: int) -> None:
+    rec.add_audio(np.zeros(ms * SAMPLES_PER_MS, dtype=np.float32))
+
+
+def committed(updates) -> list[str]:
+    return [c.text for u in updates for c in u.commits]
+
+
+# A recorded sequence of growing hypotheses of "the cat sat on the mat. it was happy" (times in ms).
+H1 = words(("the", 100, 300), ("cat", 300, 600), ("sad", 600, 900))
+H2 = words(("the", 100, 300), ("cat", 300, 600), ("sat", 600, 900), ("on", 900, 1100))
+H3 = words(("the", 100, 300), ("Cat", 300, 600), ("sat", 600, 900), ("on", 900, 1100), ("the", 1100, 1300))
+H4 = words(("on", 900, 1100), ("the", 1100, 1300), ("mat.", 1300, 1700), ("It", 1800, 2000))
+
+
+def test_local_agreement_commits_what_two_hypotheses_agree_on_and_never_retracts():
+    rec = StreamRecognizer(StreamingParams(min_chunk_s=0.5), language="en")
+    rec.boundary(BoundaryKind.START, 0)
+    out = []
+    for hypothesis in (H1, H2, H3, H4):
+        feed_ms(rec, 600)
+        job = rec.next_job()
+        assert job is not None and not job.final
+        out.append(rec.apply(job, hypothesis, "en"))
+    assert committed(out[0]) == []
+    assert committed(out[1]) == ["the cat"]  # "sad" vs "sat": disagreement stops the prefix
+    assert committed(out[2]) == ["sat on"]  # case does not matter; committed words are not repeated
+    # H4 starts inside the committed audio: "on" is dropped by time, "the mat." agreed with H3's "the"?
+    # Only "the" was in H3's uncommitted tail; "mat." is new: "the" commits, "mat." waits.
+    assert committed(out[3]) == ["the"]
+    texts = [u.transcript for batch in out for u in batch]
+    assert texts[-1].startswith("the cat sat on the")
+    for batch in out:
+        for update in batch:
+            assert 0.0 <= update.stability <= 1.0
+
+
+def test_a_clause_closing_word_splits_the_commit_and_cuts_the_buffer_at_its_end():
+    rec = StreamRecognizer(StreamingParams(min_chunk_s=0.5), language="en")
+    rec.boundary(BoundaryKind.START, 0)
+    first = words(("Hello,", 0, 400), ("my", 500, 700), ("friend", 700, 1000))
+    feed_ms(rec, 1000)
+    rec.apply(rec.next_job(), first, "en")
+    feed_ms(rec, 600)
+    job = rec.next_job()
+    assert job.offset_ms == 0
+    updates = rec.apply(job, first + words(("how", 1100, 1300)), "en")
+    commits = [c for u in updates for c in u.commits]
+    assert [(c.text, c.closes_clause, c.clause_index) for c in commits] == [
+        ("Hello,", True, 0),
+        ("my friend", False, 1),
+    ]
+    feed_ms(rec, 600)
+    job = rec.next_job()
+    assert job.offset_ms == 400  # cut after "Hello,": the next decode starts there
+    assert job.prompt == "Hello,"
+
+
+def test_pause_commits_the_whole_tail_as_a_clause_and_end_needs_no_second_decode():
+    rec = StreamRecognizer(StreamingParams(), language="fr")
+    rec.boundary(BoundaryKind.START, 200)
+    feed_ms(rec, 2000)
+    assert rec.boundary(BoundaryKind.PAUSE, 1800) == []
+    job = rec.next_job()
+    assert job.final and job.boundary is BoundaryKind.PAUSE
+    assert job.offset_ms == 200 and len(job.audio) == 1600 * SAMPLES_PER_MS
+    updates = rec.apply(job, words(("bonjour", 300, 800), ("à", 900, 1000), ("tous", 1000, 1700)), "fr")
+    assert [(c.text, c.closes_clause) for u in updates for c in u.commits] == [("bonjour à tous", True)]
+    feed_ms(rec, 300)
+    final = rec.boundary(BoundaryKind.END, 1810)  # no speech since the pause: no decode
+    assert rec.next_job() is None
+    assert [u.is_final for u in final] == [True]
+    assert final[0].transcript == "bonjour à tous" and final[0].stability == 1.0
+    assert [c.text for c in final[0].all_commits] == ["bonjour à tous"]
+
+
+def test_speech_after_a_pause_is_a_new_clause_and_the_final_is_all_commits():
+    rec = StreamRecognizer(StreamingParams(), language="en")
+    rec.boundary(BoundaryKind.START, 0)
+    feed_ms(rec, 1000)
+    rec.boundary(BoundaryKind.PAUSE, 900)
+    rec.apply(rec.next_job(), words(("one", 100, 800)), "en")
+    feed_ms(rec, 1500)
+    rec.boundary(BoundaryKind.END, 2400)
+    job = rec.next_job()
+    assert job.final and job.boundary is BoundaryKind.END and job.offset_ms == 900
+    updates = rec.apply(job, words(("two", 1500, 2300)), "en")
+    assert [c.clause_index for u in updates for c in u.commits] == [1]
+    final = updates[-1]
+    assert final.is_final and final.transcript == "one two"
+    assert [c.text for c in final.all_commits] == ["one", "two"]
+
+
+def test_an_end_closes_the_open_clause_even_when_agreement_committed_its_words():
+    rec = StreamRecognizer(StreamingParams(min_chunk_s=0.5), language="en")
+    rec.boundary(BoundaryKind.START, 0)
+    hyp = words(("good", 0, 300), ("morning", 300, 800))
+    feed_ms(rec, 900)
+    rec.apply(rec.next_job(), hyp, "en")
+    feed_ms(rec, 600)
+    rec.apply(rec.next_job(), hyp, "en")  # both words agreed, clause still open
+    updates = rec.boundary(BoundaryKind.END, 900)  # tail since the last cut is short: settled at once
+    if not updates:
+        updates = rec.apply(rec.next_job(), [], "en")
+    closing = [c for u in updates for c in u.commits]
+    assert [(c.words, c.closes_clause) for c in closing] == [((), True)]
+    assert updates[-1].is_final and updates[-1].transcript == "good morning"
+
+
+def test_utterance_policy_commits_nothing_before_the_end_and_ignores_pauses():
+    rec = StreamRecognizer(StreamingParams(policy=Policy.UTTERANCE, interim_results=True), language="en")
+    rec.boundary(BoundaryKind.START, 0)
+    feed_ms(rec, 1500)
+    rec.boundary(BoundaryKind.PAUSE, 1000)
+    job = rec.next_job()
+    assert not job.final
+    hyp = words(("hi", 0, 400), ("there", 500, 900))
+    interim = rec.apply(job, hyp, "en")
+    assert committed(interim) == [] and interim[0].stability == 0.0 and interim[0].transcript == "hi there"
+    feed_ms(rec, 1500)
+    rec.apply(rec.next_job(), hyp, "en")
+    rec.boundary(BoundaryKind.END, 2500)
+    job = rec.next_job()
+    assert job.final and job.offset_ms == 0 and len(job.audio) == 2500 * SAMPLES_PER_MS
+    final = rec.apply(job, hyp + words(("friend", 1200, 1800)), "en")
+    assert final[-1].is_final and final[-1].transcript == "hi there friend"
+
+
+def test_flushes_run_in_utterance_order_and_audio_is_kept_until_committed():
+    rec = StreamRecognizer(StreamingParams(lookback_s=1.0), language="en")
+    feed_ms(rec, 3000)  # silence: only the lookback is kept
+    assert rec.end_ms == 3000 and rec.backlog_s == 0.0
+    rec.boundary(BoundaryKind.START, 1500)  # older than the lookback: starts where the audio does
+    feed_ms(rec, 1000)
+    rec.boundary(BoundaryKind.END, 3800)
+    rec.boundary(BoundaryKind.START, 3900)
+    feed_ms(rec, 1000)
+    rec.boundary(BoundaryKind.END, 4900)
+    assert rec.backlog_s == 3.0  # both utterances wait: audio from the first one's start on is kept
+    first = rec.next_job()
+    assert first.utterance_index == 0 and first.offset_ms == 2000
+    updates = rec.apply(first, words(("a", 2100, 3500)), "en")
+    assert [u.utterance_index for u in updates] == [0, 0]
+    second = rec.next_job()
+    assert second.utterance_index == 1 and second.offset_ms == 3900 and second.prompt == "a"
+    assert rec.apply(second, [], "en")[-1].transcript == ""
+
+
+def test_whole_stream_without_boundaries_is_one_utterance_ended_by_finish():
+    rec = StreamRecognizer(StreamingParams(), language="en")
+    rec.start_whole_stream()
+    feed_ms(rec, 1200)
+    job = rec.next_job()
+    assert not job.final
+    rec.apply(job, words(("yes", 100, 500)), "en")
+    rec.finish()
+    job = rec.next_job()
+    assert job.final and job.boundary is BoundaryKind.END
+    final = rec.apply(job, words(("yes", 100, 500)), "en")
+    assert final[-1].is_final and final[-1].transcript == "yes"
