@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from services.common.batching import BatchingConfig
 from services.common.config import ServerConfig, option
 from services.common.streams import StreamLimitsConfig
+from services.stt.streaming import Policy
 
 # Whisper's best-known hallucinations on silence and noise: subtitle credits and video outros learnt from
 # the web captions it was trained on. Matched on normalised text (see services.stt.filters).
@@ -40,7 +41,8 @@ class SttConfig(StreamLimitsConfig, BatchingConfig, ServerConfig):
     """Speech-to-text server: Whisper on CTranslate2, or an OpenAI-compatible endpoint (vLLM Voxtral).
 
     ``backend`` whisper (the default) decodes in this process; ``backend`` openai posts each request to a
-    transcription endpoint. Streams are endpointed with Silero VAD in this process either way.
+    transcription endpoint. StreamingRecognize does incremental recognition on either
+    (:mod:`services.stt.streaming`); its utterances come from the caller's VAD boundaries.
 
     For Whisper, audio is cut into windows (speech found by Silero VAD, at most the longest window
     bucket); each window is padded to the shortest bucket that holds it plus ``window_margin_s`` and goes
@@ -115,25 +117,26 @@ class SttConfig(StreamLimitsConfig, BatchingConfig, ServerConfig):
         "Phrases Whisper invents on silence, comma-separated; a segment made mostly of them is dropped "
         "(matched ignoring case, accents and punctuation). Empty to disable.",
     )
-    interim_interval_s: float = option(
+    commit_policy: Policy = option(
+        Policy.LOCAL_AGREEMENT,
+        "Streaming default when a call leaves commit_policy unset: local_agreement (commit what two "
+        "successive decodes agree on, and everything at each pause) or utterance (decode each utterance "
+        "once, at its end).",
+    )
+    min_chunk_s: float = option(
         1.0,
-        "Streaming: an interim result re-transcribes the utterance after this much new audio, in s.",
+        "Streaming: new audio that triggers another decode of the uncommitted audio, in seconds "
+        "(whisper_streaming's min-chunk-size).",
     )
-    interim_beam_size: int = option(1, "Streaming: beam size of interim results (greedy is cheapest).")
-    vad_threshold: float = option(
-        0.5, "Streaming endpointing: Silero speech probability at or above which a 32 ms window is speech."
+    buffer_trim_s: float = option(
+        6.0,
+        "Streaming: uncommitted audio longer than this is cut at the last committed word, in seconds, so "
+        "each decode stays short (it is cut at every committed clause end anyway).",
     )
-    endpoint_silence_ms: int = option(
-        700, "Streaming endpointing: silence after speech that ends an utterance, in milliseconds."
-    )
-    min_speech_ms: int = option(
-        200, "Streaming endpointing: utterances with less speech than this are ignored, in milliseconds."
-    )
-    speech_pad_ms: int = option(
-        300, "Streaming endpointing: audio kept before speech starts and after it ends, in milliseconds."
-    )
-    max_utterance_s: float = option(
-        30.0, "Streaming: an utterance this long is finalised even without a pause (Whisper's window), in s."
+    interim_beam_size: int = option(
+        1,
+        "Streaming: beam size of the decodes between pauses (greedy is cheapest); pauses and ends use "
+        "beam_size.",
     )
     backend: Backend = option(
         Backend.WHISPER,

@@ -47,11 +47,10 @@ from faster_whisper.vad import VadOptions, get_speech_timestamps
 from services.common.audio import SAMPLE_RATE_HZ
 from services.common.devices import check_device
 from services.common.errors import InvalidArgument
-from services.common.models import resolve_whisper, silero_vad_path
+from services.common.models import resolve_whisper
 from services.common.resilience import Deadline
 from services.common.text import LANGUAGE_TAG, primary_language, tandem_repeats
 from services.stt.config import SttConfig
-from services.stt.endpointing import SileroSession, StreamingSilero
 from services.stt.filters import HallucinationGates, normalize_text, split_hallucinations
 
 logger = logging.getLogger(__name__)
@@ -222,8 +221,7 @@ class SttBackend(Protocol):
     """What the speech-to-text servicer needs from a backend (Whisper here, or an HTTP transcription server).
 
     The servicer cuts audio with ``windows`` (on a pool thread), batches windows of equal ``batch_key``
-    through its dynamic batcher into ``transcribe_batch`` (on ``workers`` instance threads), and runs
-    ``vad_stream`` states for streaming endpointing.
+    through its dynamic batcher into ``transcribe_batch`` (on ``workers`` instance threads).
     """
 
     sample_rate_hz: int
@@ -250,9 +248,6 @@ class SttBackend(Protocol):
 
     def transcribe_batch(self, windows: Sequence[Window]) -> list[Transcript]:
         """One transcript per window, times in the request's audio; blocking."""
-
-    def vad_stream(self) -> StreamingSilero:
-        """A new incremental VAD state for one stream."""
 
     def warm(self) -> None:
         """Pays start-up costs before the first request."""
@@ -474,7 +469,6 @@ class WhisperEngine:
         )
         self.buckets_s = tuple(sorted(set(config.window_buckets_s)))
         self.max_window_s = self.buckets_s[-1]
-        self.vad = SileroSession(silero_vad_path())
         logger.info(
             "whisper %s loaded from %s: device %s:%d, %s, %d thread(s) x %d instance(s), %d language(s), "
             "windows %s s",
@@ -773,19 +767,14 @@ class WhisperEngine:
             ]
         return words
 
-    def vad_stream(self) -> StreamingSilero:
-        """A new incremental Silero VAD state for one stream."""
-        return self.vad.stream()
-
     def warm(self) -> None:
-        """Decodes a tone and runs both VADs, so the first request pays no start-up cost."""
+        """Decodes a tone and runs the windowing VAD, so the first request pays no start-up cost."""
         t = np.arange(SAMPLE_RATE_HZ, dtype=np.float32) / SAMPLE_RATE_HZ
         tone = (0.1 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
         language = "en" if "en" in self.languages else None
         options = DecodeOptions(language=language, beam_size=self.config.beam_size, vad_filter=False)
         self.transcribe_batch(self.windows(tone, options))
         self.windows(tone, replace(options, vad_filter=True))
-        self.vad_stream()(tone)
 
     def close(self) -> None:
         """Nothing to release beyond what garbage collection frees (the stage's ``close`` hook)."""

@@ -21,7 +21,6 @@ answers INTERNAL).
 
 Not supported by the endpoint, refused with INVALID_ARGUMENT: ``word_timestamps`` and ``hotwords``.
 ``beam_size`` is ignored (the server decodes as it is configured); ``vad_filter`` is the server's business.
-Streaming endpointing still runs Silero VAD in this process.
 """
 
 from __future__ import annotations
@@ -39,10 +38,8 @@ from faster_whisper.transcribe import get_compression_ratio
 from services.common.audio import float_to_pcm16, pcm16_to_wav
 from services.common.errors import InvalidArgument, ParleyError
 from services.common.http import HttpRejected, get_json, multipart_form, post_json
-from services.common.models import silero_vad_path
 from services.common.resilience import Deadline
 from services.stt.config import SttConfig
-from services.stt.endpointing import SileroSession, StreamingSilero
 from services.stt.engine import (
     SAMPLE_RATE_HZ,
     TRANSCRIBE,
@@ -88,7 +85,6 @@ class OpenAiTranscriptionBackend:
         languages: ISO 639-1 codes a request may name.
         concurrency: HTTP requests in flight at once.
         gates: Hallucination filter thresholds.
-        vad: Silero VAD model for streaming endpointing.
         vad_filter: Reported in the options when a request leaves ``vad_filter`` unset.
 
     Raises:
@@ -110,7 +106,6 @@ class OpenAiTranscriptionBackend:
         languages: Sequence[str],
         concurrency: int,
         gates: HallucinationGates,
-        vad: SileroSession,
         vad_filter: bool = True,
     ):
         bad = [code for code in languages if not _LANGUAGE_CODE.match(code)]
@@ -124,7 +119,6 @@ class OpenAiTranscriptionBackend:
         self._timeout_s = timeout_s
         self.languages = frozenset(languages)
         self._gates = gates
-        self._vad = vad
         self._vad_filter = vad_filter
         self._verbose = True
         self.workers = self.HTTP_INSTANCES
@@ -132,7 +126,7 @@ class OpenAiTranscriptionBackend:
 
     @classmethod
     def from_config(cls, config: SttConfig) -> OpenAiTranscriptionBackend:
-        """Builds the client and loads Silero VAD; nothing is sent until :meth:`warm`.
+        """Builds the client; nothing is sent until :meth:`warm`.
 
         Raises:
             ValueError: A bad ``openai_languages`` list.
@@ -150,7 +144,6 @@ class OpenAiTranscriptionBackend:
                 compression_ratio_threshold=config.compression_ratio_threshold,
                 phrases=config.hallucination_phrases,
             ),
-            SileroSession(silero_vad_path()),
             config.vad_filter,
         )
 
@@ -309,17 +302,12 @@ class OpenAiTranscriptionBackend:
                 f"{_ENDPOINT} {self._base_url} returned a malformed response: segment {index}: {exc}"
             ) from exc
 
-    def vad_stream(self) -> StreamingSilero:
-        """A new incremental Silero VAD state for one stream."""
-        return self._vad.stream()
-
     def warm(self) -> None:
-        """Runs the VAD once and looks at ``GET {base_url}/models``; an endpoint that is down is logged.
+        """Looks at ``GET {base_url}/models``; an endpoint that is down is logged.
 
         The stage may start before its vLLM server (which takes minutes to load a model): requests fail
         UNAVAILABLE until the endpoint answers, and the server serves once it does.
         """
-        self.vad_stream()(np.zeros(SAMPLE_RATE_HZ, dtype=np.float32))
         url = self._base_url + "/models"
         try:
             data = get_json(url, self._headers, Deadline(None), self.WARM_TIMEOUT_S, _ENDPOINT)

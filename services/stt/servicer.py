@@ -8,13 +8,16 @@ results, then Transcribe; a window still queued when its call's deadline passes 
 request keeps at most ``max_windows_in_flight`` windows in the queue, so a short request sent meanwhile
 waits behind a few windows, never behind the whole file. When the language must be detected, the first
 window is decoded alone and the others with its language (faster-whisper detects on the first 30 s too).
-Streaming VAD runs on a pool of its own so endpointing never waits behind a long transcription.
+Windows are cut on a pool of their own (faster-whisper's Silero VAD) so that never waits behind decoding.
 
-Streaming: a reader task moves incoming messages into a bounded queue (its bound is the back-pressure on a
-client that sends faster than the server decodes). The main loop takes everything queued at once, runs the
-VAD on it, finalises the utterances that ended, then sends at most one interim result for the utterance
-in progress. When decoding falls behind, interim results are therefore skipped rather than queued, and
-finals are never delayed by interims that are already stale.
+Streaming (incremental recognition, :mod:`services.stt.streaming`): a reader task moves incoming messages
+into a bounded queue. The main loop alternates between taking what is queued (audio into the stream's
+:class:`~services.stt.streaming.StreamRecognizer`, boundaries scheduling flushes) and running the one decode
+the recognizer asks for, one at a time per stream: flushes at pauses and ends first (final priority), else
+a decode of the uncommitted audio (interim priority) once enough new audio arrived. Decodes never queue up
+behind each other: when decoding falls behind, the next decode simply covers more audio. When the work not
+yet committed exceeds ``_MAX_BACKLOG_S`` the loop stops taking messages, the queue fills, the reader stops
+and gRPC flow control slows the client.
 """
 
 from __future__ import annotations
@@ -35,9 +38,16 @@ from services.common.inference import InferencePool
 from services.common.resilience import Deadline
 from services.common.streams import StreamSlots, bounded_requests
 from services.stt.config import SttConfig
-from services.stt.endpointing import EndpointParams, Utterance, UtteranceTracker
 from services.stt.engine import DecodeOptions, Segment, SttBackend, Transcript, Window, merge_transcripts
-from services.stt.filters import stability
+from services.stt.streaming import (
+    BoundaryKind,
+    Commit,
+    Policy,
+    StreamingParams,
+    StreamRecognizer,
+    TimedWord,
+    Update,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +56,8 @@ _QUEUE_MESSAGES = 256
 # Batcher levels of Whisper calls: a stream's final result, its interim results, then whole clips.
 _FINAL_PRIORITY, _INTERIM_PRIORITY, _TRANSCRIBE_PRIORITY = 0, 1, 2
 _LEVELS = 3
+# Audio a stream may hold uncommitted before its messages wait in the queue (backpressure), in seconds.
+_MAX_BACKLOG_S = 60.0
 
 
 def _ms(seconds: float) -> int:
@@ -83,7 +95,7 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
 
     Args:
         engine: The loaded, warmed backend (:class:`~services.stt.engine.SttBackend`).
-        config: Server settings (defaults, batching, endpointing, limits).
+        config: Server settings (defaults, batching, streaming, limits).
     """
 
     def __init__(self, engine: SttBackend, config: SttConfig):
@@ -97,13 +109,6 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
             batch_key=engine.batch_key,
         )
         self._vad_pool = InferencePool("stt-vad", 2)
-        self._endpoint = EndpointParams(
-            threshold=config.vad_threshold,
-            endpoint_silence_ms=config.endpoint_silence_ms,
-            min_speech_ms=config.min_speech_ms,
-            speech_pad_ms=config.speech_pad_ms,
-            max_utterance_s=config.max_utterance_s,
-        )
         self._streams = StreamSlots("StreamingRecognize", config.max_streams, "max_streams")
 
     def close(self) -> None:
@@ -202,13 +207,17 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
         request_iterator: AsyncIterator[stt_pb2.StreamingRecognizeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[stt_pb2.StreamingRecognizeResponse]:
-        """Recognises a stream: a ``streaming_config`` first, then ``audio_content`` chunks of any size.
+        """Recognises a stream incrementally (:mod:`services.stt.streaming`).
 
-        Yields interim results (``is_final`` false, with a stability) when ``interim_results`` is set, and
-        one final result per utterance, at its endpoint or at the end of the stream.
+        A ``streaming_config`` first, then ``audio_content`` chunks of any size and, with
+        ``caller_endpointing``, the caller's speech boundaries after the audio they refer to.
+
+        Yields a result for each commit (interim, ``committed`` set), interim results with only unstable
+        text when ``interim_results`` is set, and one final result per utterance.
 
         Raises:
-            InvalidArgument: No config first, a second config, a bad format or language, NaN audio.
+            InvalidArgument: No config first, a second config, a bad format or language, NaN audio, a
+                boundary without caller_endpointing.
             ResourceExhausted: ``max_streams`` streams are already being served.
             DeadlineExceeded: The client sent nothing for ``stream_idle_timeout_s``, or kept sending past
                 ``max_stream_duration_s``.
@@ -231,116 +240,204 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
                 "config); send audio_content only after it"
             )
         streaming = first.streaming_config
-        options = self._options(streaming.config)
-        interim_options = dataclasses.replace(
-            options,
-            beam_size=self._config.interim_beam_size,
-            word_timestamps=False,
-            temperature_fallback=False,
-        )
-        fmt = streaming.format
-        pcm = PcmStream(
-            fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=self._engine.sample_rate_hz
-        )
-        tracker = UtteranceTracker(self._engine.vad_stream(), self._endpoint)
-        interval = max(1, int(self._config.interim_interval_s * self._engine.sample_rate_hz))
-        queue: asyncio.Queue = asyncio.Queue(maxsize=_QUEUE_MESSAGES)
-        reader = asyncio.create_task(self._read(requests, queue))
-        public_index: dict[int, int] = {}
-        previous_interim: dict[int, str] = {}
-
-        def response(result: stt_pb2.StreamingRecognitionResult) -> stt_pb2.StreamingRecognizeResponse:
-            return stt_pb2.StreamingRecognizeResponse(
-                request_id=streaming.request_id, results=[result], audio_processed_s=pcm.duration_s
-            )
-
+        stream = _Stream(self._engine, self._config, streaming)
+        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=_QUEUE_MESSAGES)
+        reader = asyncio.create_task(self._read(requests, queue, streaming.caller_endpointing))
         try:
             ended = False
-            while not ended:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                chunks = []
-                for item in items:
-                    if item is _END:
-                        ended = True
-                    elif isinstance(item, BaseException):
-                        raise item
-                    else:
-                        chunks.append(item)
-                parts = [pcm.push(b"".join(chunks))] if chunks else []
-                if ended:
-                    parts.append(pcm.flush())
-                samples = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
-                utterances = await self._vad_pool.run(tracker.push, samples) if len(samples) else []
-                if ended:
-                    utterances += tracker.finish()
-                for utterance in utterances:
-                    transcript = await self._decode(utterance.audio, options, context, _FINAL_PRIORITY)
-                    if not transcript.text and utterance.index not in public_index:
-                        continue  # nothing was said and nothing was shown: no result
-                    index = public_index.setdefault(utterance.index, len(public_index))
-                    yield response(self._final(index, utterance, transcript))
-                if streaming.interim_results and not ended:
-                    current = tracker.interim(interval)
-                    if current is None:
-                        continue
-                    transcript = await self._decode(
-                        current.audio, interim_options, context, _INTERIM_PRIORITY
-                    )
-                    if not transcript.text:
-                        continue
-                    index = public_index.setdefault(current.index, len(public_index))
-                    score = stability(previous_interim.get(current.index), transcript.text)
-                    previous_interim[current.index] = transcript.text
-                    yield response(
-                        stt_pb2.StreamingRecognitionResult(
-                            transcript=transcript.text,
-                            is_final=False,
-                            stability=score,
-                            utterance_index=index,
-                            start_ms=current.start_ms,
-                            end_ms=current.end_ms,
-                            language=transcript.language,
-                        )
-                    )
+            while True:
+                job = stream.recognizer.next_job()
+                if job is None and ended:
+                    break
+                if job is None or (not queue.empty() and stream.recognizer.backlog_s < _MAX_BACKLOG_S):
+                    # Take what arrived; wait only when there is nothing to decode.
+                    ended = await self._take(queue, stream, block=job is None) or ended
+                    for update in stream.pending:
+                        yield stream.response(update)
+                    stream.pending.clear()
+                    continue
+                options = stream.final_options if job.final else stream.agreement_options
+                if job.language:
+                    options = dataclasses.replace(options, language=job.language)
+                options = dataclasses.replace(options, initial_prompt=job.prompt or None)
+                priority = _FINAL_PRIORITY if job.final else _INTERIM_PRIORITY
+                transcript = await self._decode(job.audio, options, context, priority)
+                for update in stream.recognizer.apply(
+                    job, _timed_words(transcript, job.offset_ms), transcript.language
+                ):
+                    yield stream.response(update)
         finally:
             reader.cancel()
 
-    @staticmethod
-    def _final(
-        index: int, utterance: Utterance, transcript: Transcript
-    ) -> stt_pb2.StreamingRecognitionResult:
-        return stt_pb2.StreamingRecognitionResult(
-            transcript=transcript.text,
-            is_final=True,
-            stability=1.0,
-            utterance_index=index,
-            start_ms=utterance.start_ms,
-            end_ms=utterance.end_ms,
-            language=transcript.language,
-            segments=[_segment_pb(s, utterance.start_ms) for s in transcript.segments],
-        )
+    async def _take(self, queue: asyncio.Queue[object], stream: _Stream, block: bool) -> bool:
+        """Moves queued messages into the stream's recognizer; returns whether the input ended.
+
+        Waits for one message when ``block``; then takes what is queued without waiting, while the
+        recognizer's backlog is under :data:`_MAX_BACKLOG_S` (beyond it the queue fills, the reader stops
+        reading and gRPC flow control slows the client).
+        """
+        items = [await queue.get()] if block else []
+        while not queue.empty() and stream.recognizer.backlog_s < _MAX_BACKLOG_S:
+            items.append(queue.get_nowait())
+            if isinstance(items[-1], stt_pb2.SpeechBoundary):
+                break  # a boundary decides work: schedule it before taking more audio
+        ended = False
+        for item in items:
+            if item is _END:
+                ended = True
+                stream.pending += stream.end()
+            elif isinstance(item, BaseException):
+                raise item
+            elif isinstance(item, stt_pb2.SpeechBoundary):
+                stream.pending += stream.boundary(item)
+            else:
+                assert isinstance(item, bytes)
+                stream.recognizer.add_audio(stream.pcm.push(item))
+        return ended
 
     @staticmethod
-    async def _read(requests: AsyncIterator[stt_pb2.StreamingRecognizeRequest], queue: asyncio.Queue) -> None:
-        """Moves audio chunks into ``queue``, then ``_END``; puts the error instead on a bad message."""
+    async def _read(
+        requests: AsyncIterator[stt_pb2.StreamingRecognizeRequest],
+        queue: asyncio.Queue[object],
+        boundaries: bool,
+    ) -> None:
+        """Moves audio chunks and boundaries into ``queue``, then ``_END``; the error instead on a bad one."""
         try:
             async for message in requests:
                 kind = message.WhichOneof("streaming_request")
                 if kind == "audio_content":
                     await queue.put(message.audio_content)
+                elif kind == "boundary" and boundaries:
+                    await queue.put(message.boundary)
+                elif kind == "boundary":
+                    raise InvalidArgument(
+                        "a boundary was sent but streaming_config.caller_endpointing is unset: set it to "
+                        "send your VAD's speech boundaries, or send audio only"
+                    )
                 elif kind == "streaming_config":
                     raise InvalidArgument(
                         "streaming_config was sent again: send it once, as the first message, then only "
-                        "audio_content"
+                        "audio_content and boundaries"
                     )
                 else:
                     raise InvalidArgument(
-                        "a StreamingRecognizeRequest carried neither streaming_config nor audio"
+                        "a StreamingRecognizeRequest carried neither streaming_config, audio_content nor a "
+                        "boundary"
                     )
             await queue.put(_END)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to the main loop, which raises it in order
             await queue.put(exc)
+
+
+def _timed_words(transcript: Transcript, offset_ms: int) -> list[TimedWord]:
+    """The transcript's words with stream times (``offset_ms`` is the stream time of its audio's start)."""
+    return [
+        TimedWord(w.word, offset_ms + _ms(w.start_s), offset_ms + _ms(w.end_s), w.probability)
+        for segment in transcript.segments
+        for w in segment.words
+    ]
+
+
+def _word_pb(word: TimedWord) -> stt_pb2.Word:
+    return stt_pb2.Word(
+        start_ms=word.start_ms, end_ms=word.end_ms, word=word.word, probability=word.probability
+    )
+
+
+def _commit_pb(commit: Commit) -> stt_pb2.Segment:
+    words = commit.words
+    return stt_pb2.Segment(
+        start_ms=words[0].start_ms if words else 0,
+        end_ms=words[-1].end_ms if words else 0,
+        text=commit.text,
+        words=[_word_pb(w) for w in words],
+    )
+
+
+class _Stream:
+    """One StreamingRecognize call's state: its config, PCM decoder and :class:`StreamRecognizer`.
+
+    Raises:
+        InvalidArgument: A bad format, language, task or commit policy in the config.
+    """
+
+    def __init__(self, engine: SttBackend, config: SttConfig, streaming: stt_pb2.StreamingRecognitionConfig):
+        self.request_id = streaming.request_id
+        recognition = streaming.config
+        base = engine.options(
+            language=recognition.language,
+            translate=recognition.task == stt_pb2.TRANSLATE,
+            beam_size=recognition.beam_size,
+            word_timestamps=True,
+            hotwords=recognition.hotwords,
+            vad_filter=False,
+        )
+        self.final_options = base
+        self.agreement_options = dataclasses.replace(
+            base, beam_size=config.interim_beam_size, temperature_fallback=False
+        )
+        fmt = streaming.format
+        self.pcm = PcmStream(
+            fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=engine.sample_rate_hz
+        )
+        policy = {
+            stt_pb2.COMMIT_POLICY_UNSPECIFIED: config.commit_policy,
+            stt_pb2.LOCAL_AGREEMENT: Policy.LOCAL_AGREEMENT,
+            stt_pb2.UTTERANCE: Policy.UTTERANCE,
+        }[streaming.commit_policy]
+        params = StreamingParams(
+            policy=policy,
+            min_chunk_s=config.min_chunk_s,
+            buffer_trim_s=config.buffer_trim_s,
+            interim_results=streaming.interim_results,
+        )
+        self.recognizer = StreamRecognizer(params, recognition.initial_prompt, base.language)
+        if not streaming.caller_endpointing:
+            self.recognizer.start_whole_stream()
+        self.pending: list[Update] = []
+
+    def boundary(self, message: stt_pb2.SpeechBoundary) -> list[Update]:
+        kind = _BOUNDARIES.get(message.kind)
+        if kind is None:
+            raise InvalidArgument("boundary.kind must be START, PAUSE or END")
+        return self.recognizer.boundary(kind, message.at_ms)
+
+    def end(self) -> list[Update]:
+        tail = self.pcm.flush()
+        if len(tail):
+            self.recognizer.add_audio(tail)
+        return self.recognizer.finish()
+
+    def response(self, update: Update) -> stt_pb2.StreamingRecognizeResponse:
+        result = stt_pb2.StreamingRecognitionResult(
+            transcript=update.transcript,
+            is_final=update.is_final,
+            stability=update.stability,
+            utterance_index=update.utterance_index,
+            start_ms=update.start_ms,
+            end_ms=update.end_ms,
+            language=update.language,
+            segments=[_commit_pb(c) for c in update.all_commits if c.words],
+        )
+        results = [result]
+        for i, commit in enumerate(update.commits):
+            item = result if i == 0 else stt_pb2.StreamingRecognitionResult()
+            if i:
+                item.CopyFrom(result)
+            item.committed.CopyFrom(_commit_pb(commit))
+            item.closes_clause = commit.closes_clause
+            item.commit_index = commit.commit_index
+            if i:
+                results.append(item)
+        return stt_pb2.StreamingRecognizeResponse(
+            request_id=self.request_id, results=results, audio_processed_s=self.pcm.duration_s
+        )
+
+
+_BOUNDARIES = {
+    stt_pb2.SpeechBoundary.START: BoundaryKind.START,
+    stt_pb2.SpeechBoundary.PAUSE: BoundaryKind.PAUSE,
+    stt_pb2.SpeechBoundary.END: BoundaryKind.END,
+}

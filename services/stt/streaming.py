@@ -1,4 +1,4 @@
-"""Incremental recognition of one stream: LocalAgreement-2 commits, clause cuts, the caller's speech boundaries.
+"""Incremental recognition of a stream: LocalAgreement-2 commits, clause cuts, the caller's speech boundaries.
 
 The policy is whisper_streaming's (Machacek, Dabre and Bojar, "Turning Whisper into Real-Time Transcription
 System", IJCNLP-AACL 2023 demo track; its ``OnlineASRProcessor`` and ``HypothesisBuffer``), with the
@@ -343,8 +343,10 @@ class StreamRecognizer:
         return text[-_PROMPT_CHARS:].lstrip()
 
     def _settle(self) -> list[Update]:
-        """Runs the flushes that need no decode (an END right after a pause), oldest first, up to the first
-        that does; returns their updates."""
+        """Runs the flushes that need no decode (an END right after a pause); returns their updates.
+
+        Oldest first, up to the first flush that needs a decode, so updates keep the utterances' order.
+        """
         updates: list[Update] = []
         for utterance in (*self._waiting, self._open):
             while utterance is not None and utterance.flushes:

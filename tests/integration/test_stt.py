@@ -202,16 +202,24 @@ def test_bad_transcribe_requests_are_invalid_argument(stub):
     assert_still_serving(stub)
 
 
-def config_message(fmt=S16, interim=False, **config) -> stt_pb2.StreamingRecognizeRequest:
+def config_message(fmt=S16, interim=False, boundaries=False, **config) -> stt_pb2.StreamingRecognizeRequest:
     return stt_pb2.StreamingRecognizeRequest(
         streaming_config=stt_pb2.StreamingRecognitionConfig(
-            request_id="s", format=fmt, config=stt_pb2.RecognitionConfig(**config), interim_results=interim
+            request_id="s",
+            format=fmt,
+            config=stt_pb2.RecognitionConfig(**config),
+            interim_results=interim,
+            caller_endpointing=boundaries,
         )
     )
 
 
 def audio_message(pcm: bytes) -> stt_pb2.StreamingRecognizeRequest:
     return stt_pb2.StreamingRecognizeRequest(audio_content=pcm)
+
+
+def boundary_message(kind, at_ms: int) -> stt_pb2.StreamingRecognizeRequest:
+    return stt_pb2.StreamingRecognizeRequest(boundary=stt_pb2.SpeechBoundary(kind=kind, at_ms=at_ms))
 
 
 def test_bad_streams_are_invalid_argument(stub):
@@ -228,6 +236,10 @@ def test_bad_streams_are_invalid_argument(stub):
         "nan": ([config_message(fmt=F32), audio_message(NAN)], "NaN"),
         "beyond-full-scale": ([config_message(fmt=F32), audio_message(HUGE)], "outside [-1, 1]"),
         "undefined-task": ([config_message(task=99)], "streaming_config.config.task 99"),
+        "boundary-not-announced": (
+            [config_message(language="en"), boundary_message(stt_pb2.SpeechBoundary.START, 0)],
+            "caller_endpointing",
+        ),
     }
     for name, (messages, snippet) in cases.items():
         with pytest.raises(grpc.RpcError) as err:
@@ -237,16 +249,57 @@ def test_bad_streams_are_invalid_argument(stub):
     assert_still_serving(stub)
 
 
-def stream(stub, pcm: bytes, chunk_s: float = 0.1, pace_s: float = 0.0, **config_fields):
-    """Runs one StreamingRecognize call; returns its responses with their arrival times."""
+def vad_messages(pcm: bytes, chunk_s: float, pause_ms: int = 200) -> list[stt_pb2.StreamingRecognizeRequest]:
+    """Audio chunks with the speech boundaries the VAD server's endpointer decides, each boundary after the
+    chunk that decided it (the order the gateway sends them in)."""
+    from services.common.models import silero_vad_path
+    from services.vad.engine import (
+        SileroVad,
+        SpeechEnd,
+        SpeechPause,
+        SpeechStart,
+        StreamEndpointer,
+        VadParams,
+    )
+
+    vad = SileroVad(silero_vad_path())
+    endpointer = StreamEndpointer(VadParams(pause_ms=pause_ms).validate())
+    kinds = stt_pb2.SpeechBoundary
+    messages = []
+
+    def boundaries(events):
+        for event in events:
+            if isinstance(event, SpeechStart):
+                messages.append(boundary_message(kinds.START, event.start_ms))
+            elif isinstance(event, SpeechPause):
+                messages.append(boundary_message(kinds.PAUSE, event.end_ms))
+            elif isinstance(event, SpeechEnd):
+                messages.append(boundary_message(kinds.END, event.segment.end_ms))
+
     step = int(chunk_s * RATE) * 2
+    for start in range(0, len(pcm), step):
+        chunk = pcm[start : start + step]
+        messages.append(audio_message(chunk))
+        windows = endpointer.add(np.frombuffer(chunk, "<i2").astype(np.float32) / 32768)
+        if windows is not None:
+            boundaries(endpointer.accept(*vad.infer(windows, endpointer.state)))
+    windows = endpointer.flush()
+    if windows is not None:
+        boundaries(endpointer.accept(*vad.infer(windows, endpointer.state)))
+    boundaries(endpointer.finish())
+    return messages
+
+
+def stream(stub, pcm: bytes, chunk_s: float = 0.1, pace_s: float = 0.0, **config_fields):
+    """Runs one StreamingRecognize call with the VAD's boundaries; returns its responses."""
     interim = config_fields.pop("interim", False)
+    messages = vad_messages(pcm, chunk_s)
 
     def requests():
-        yield config_message(interim=interim, **config_fields)
-        for start in range(0, len(pcm), step):
-            yield audio_message(pcm[start : start + step])
-            if pace_s:
+        yield config_message(interim=interim, boundaries=True, **config_fields)
+        for message in messages:
+            yield message
+            if pace_s and message.WhichOneof("streaming_request") == "audio_content":
                 time.sleep(pace_s)
 
     return list(stub.StreamingRecognize(requests(), timeout=300))
@@ -256,33 +309,53 @@ def results(responses, final):
     return [r for response in responses for r in response.results if r.is_final is final]
 
 
-def test_streaming_interims_and_one_final_per_utterance(stub):
+def check_commits(responses) -> dict[int, list]:
+    """Asserts the incremental contract; returns each utterance's committed segments in order.
+
+    Commits of an utterance are numbered from 0 without gaps, their words move forward in time, and the
+    utterance's final transcript is its committed words joined, never anything else (no retraction).
+    """
+    commits: dict[int, list] = {}
+    for r in results(responses, False):
+        if r.HasField("committed"):
+            assert r.commit_index == len(commits.setdefault(r.utterance_index, [])), "commits in order"
+            commits[r.utterance_index].append(r.committed)
+    for final in results(responses, True):
+        segments = commits.get(final.utterance_index, [])
+        words = [w for segment in segments for w in segment.words]
+        assert [w.start_ms for w in words] == sorted(w.start_ms for w in words), "commits move forward"
+        assert final.transcript == "".join(w.word for w in words).strip()
+        assert [s.text for s in final.segments] == [s.text for s in segments if s.words]
+    return commits
+
+
+def test_streaming_commits_are_monotonic_and_the_final_is_the_commits(stub):
     row = [r for r in read_manifest("fleurs") if r["language"] == "fr"][0]
     pcm, _ = read_wav(row["path"])
     audio = pcm + bytes(2 * RATE)  # 1 s of silence after the speech
-    # Paced at 2x real time, so interims can keep up as they would on a live stream.
+    # Paced at 2x real time, so decodes run while the audio still arrives, as on a live stream.
     responses = stream(stub, audio, pace_s=0.05, language="fr", interim=True)
     assert all(r.request_id == "s" for r in responses)
     interims, finals = results(responses, False), results(responses, True)
     assert interims, "no interim result"
-    assert all(0.0 <= r.stability <= 1.0 and r.transcript for r in interims)
+    assert all(0.0 <= r.stability <= 1.0 for r in interims)
     assert all(r.stability == 1.0 for r in finals)
     indices = [r.utterance_index for r in finals]
     assert indices == list(range(len(finals))), "exactly one final per utterance, in order"
-    # Interims of an utterance come before its final, never after.
     order = [(r.utterance_index, r.is_final) for response in responses for r in response.results]
     for index in indices:
         final_at = order.index((index, True))
         assert all(not (i == index and not f) for i, f in order[final_at + 1 :])
+    commits = check_commits(responses)
+    assert sum(len(c) for c in commits.values()) > len(finals), "words were committed before the ends"
     assert all(a.end_ms <= b.start_ms for a, b in zip(finals, finals[1:], strict=False))
-    assert finals[-1].end_ms <= len(audio) / 2 / RATE * 1000
     assert all(r.language == "fr" for r in finals)
     streamed = " ".join(r.transcript for r in finals)
     whole = transcribe(stub, pcm, language="fr").text
     streamed_wer = wer([row["reference_text"]], [streamed], "fr")
     whole_wer = wer([row["reference_text"]], [whole], "fr")
     report(f"\nstreaming WER {streamed_wer:.1%} vs Transcribe {whole_wer:.1%}; {len(interims)} interims")
-    report(f"stabilities: {[round(r.stability, 2) for r in interims]}")
+    report(f"commits: {[s.text for c in commits.values() for s in c]}")
     assert streamed_wer <= whole_wer + 0.10
     processed = [r.audio_processed_s for r in responses]
     assert processed == sorted(processed) and processed[-1] <= len(audio) / 2 / RATE + 0.01
@@ -293,10 +366,11 @@ def test_streaming_two_recordings_give_two_finals_in_order(stub):
     pcm1, _ = read_wav(first["path"])
     pcm2, _ = read_wav(second["path"])
     audio = pcm1 + bytes(2 * int(1.5 * RATE)) + pcm2 + bytes(2 * RATE // 2)
-    responses = stream(stub, audio, chunk_s=0.1, language="en", word_timestamps=True)
+    responses = stream(stub, audio, chunk_s=0.1, language="en")
     finals = results(responses, True)
-    assert not results(responses, False), "interims were not asked for"
+    assert not [r for r in results(responses, False) if not r.HasField("committed")], "only commits"
     assert [r.utterance_index for r in finals] == [0, 1]
+    check_commits(responses)
     assert wer([first["reference_text"]], [finals[0].transcript], "en") <= 0.2, finals[0].transcript
     assert wer([second["reference_text"]], [finals[1].transcript], "en") <= 0.3, finals[1].transcript
     gap_start_ms = len(pcm1) / 2 / RATE * 1000
@@ -306,9 +380,24 @@ def test_streaming_two_recordings_give_two_finals_in_order(stub):
     assert words and all(w.start_ms >= gap_start_ms for w in words)
 
 
-def test_streaming_end_of_stream_finalises_and_any_chunk_size_works(stub):
+def test_streaming_utterance_policy_commits_the_whole_utterance_at_its_end(stub):
+    row = read_manifest("librispeech")[0]
+    pcm, _ = read_wav(row["path"])
+    messages = vad_messages(pcm + bytes(RATE), 0.1)
+    first = config_message(boundaries=True, language="en")
+    first.streaming_config.commit_policy = stt_pb2.UTTERANCE
+    responses = list(stub.StreamingRecognize(iter([first, *messages]), timeout=300))
+    finals = results(responses, True)
+    assert len(finals) == 1
+    check_commits(responses)
+    committing = [r for r in responses if any(x.HasField("committed") for x in r.results)]
+    assert len(committing) == 1, "everything is committed at once, at the end"
+    assert wer([row["reference_text"]], [finals[0].transcript], "en") <= 0.2
+
+
+def test_streaming_without_boundaries_is_one_utterance_and_any_chunk_size_works(stub):
     pcm, _ = read_wav(read_manifest("jfk")[0]["path"])
-    # Odd chunk sizes split samples in two; no trailing silence: the end of the stream ends the utterance.
+    # Odd chunk sizes split samples in two; no boundaries: the end of the stream ends the one utterance.
     chunks: queue.Queue = queue.Queue()
     sizes = [1, 777, 3, 4001, 12345]
     start, i = 0, 0
@@ -324,9 +413,9 @@ def test_streaming_end_of_stream_finalises_and_any_chunk_size_works(stub):
 
     responses = list(stub.StreamingRecognize(requests(), timeout=300))
     finals = results(responses, True)
-    assert finals
-    text = " ".join(r.transcript for r in finals)
-    assert wer([read_manifest("jfk")[0]["reference_text"]], [text], "en") <= 0.15, text
+    assert len(finals) == 1
+    check_commits(responses)
+    assert wer([read_manifest("jfk")[0]["reference_text"]], [finals[0].transcript], "en") <= 0.15
 
 
 def test_english_only_model_refuses_other_languages_and_translation():
@@ -343,27 +432,6 @@ def test_english_only_model_refuses_other_languages_and_translation():
             assert response.language == "en" and "country" in response.text.lower()
     finally:
         assert english_only.terminate() == 0
-
-
-def test_streaming_silero_matches_the_whole_recording_call():
-    from faster_whisper.vad import SileroVADModel
-
-    from services.common.models import silero_vad_path
-    from services.stt.endpointing import WINDOW_SAMPLES, SileroSession
-
-    pcm, _ = read_wav(read_manifest("jfk")[0]["path"])
-    audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
-    audio = audio[: len(audio) // WINDOW_SAMPLES * WINDOW_SAMPLES]
-    whole = SileroVADModel(str(silero_vad_path()))(audio).reshape(-1)
-    vad = SileroSession(silero_vad_path()).stream()
-    rng = np.random.default_rng(0)
-    parts, start = [], 0
-    while start < len(audio):
-        size = int(rng.integers(1, 5000))
-        parts.append(vad(audio[start : start + size]))
-        start += size
-    np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
-    assert whole.max() > 0.9 and whole.min() < 0.1
 
 
 def test_concurrent_streams_are_independent(stub):
