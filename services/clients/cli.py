@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from services.clients.cluster import STAGES, LocalCluster, check_health
 from services.clients.flags import DEFAULT_SERVER, add_client_security_args, client_security
@@ -128,6 +129,34 @@ def _up(argv: Sequence[str]) -> int:
 # -- translate-speech ----------------------------------------------------------------------------------
 
 
+def _show(event: Any) -> None:
+    """Prints one event of a TranslateSpeech stream as a line (transcripts, translations, errors, timings)."""
+    kind = event.WhichOneof("event")
+    if kind == "transcript":
+        t = event.transcript
+        label = "transcript" if t.is_final else "interim   "
+        _out(
+            f"[{event.utterance_index}] {label} ({t.language}) {t.start_ms / 1000:.2f}-"
+            f"{t.end_ms / 1000:.2f} s: {t.text}"
+        )
+    elif kind == "translation":
+        _out(
+            f"[{event.utterance_index}] translation ({event.translation.target_language}): "
+            f"{event.translation.text}"
+        )
+    elif kind == "error":
+        e = event.error
+        _out(f"[{event.utterance_index}] error in {e.stage} (code {e.code}): {e.message}")
+    elif kind == "timings":
+        t = event.timings
+        _out(
+            f"[{event.utterance_index}] timings: end of speech -> transcript "
+            f"{t.end_of_speech_to_transcript_ms:.0f} ms, -> translation "
+            f"{t.end_of_speech_to_translation_ms:.0f} ms, -> first audio "
+            f"{t.end_of_speech_to_first_audio_ms:.0f} ms"
+        )
+
+
 async def translate_file(
     server: str,
     pcm: bytes,
@@ -171,32 +200,8 @@ async def translate_file(
     async with GatewayClient(server, tls=tls, token=token) as client:
         async for event in client.translate_speech(config, audio, timeout_s=timeout_s):
             result = collector.add(event)
-            kind = event.WhichOneof("event")
-            if not live or result is None:
-                continue
-            if kind == "transcript":
-                t = event.transcript
-                label = "transcript" if t.is_final else "interim   "
-                _out(
-                    f"[{event.utterance_index}] {label} ({t.language}) {t.start_ms / 1000:.2f}-"
-                    f"{t.end_ms / 1000:.2f} s: {t.text}"
-                )
-            elif kind == "translation":
-                _out(
-                    f"[{event.utterance_index}] translation ({event.translation.target_language}): "
-                    f"{event.translation.text}"
-                )
-            elif kind == "error":
-                e = event.error
-                _out(f"[{event.utterance_index}] error in {e.stage} (code {e.code}): {e.message}")
-            elif kind == "timings":
-                t = event.timings
-                _out(
-                    f"[{event.utterance_index}] timings: end of speech -> transcript "
-                    f"{t.end_of_speech_to_transcript_ms:.0f} ms, -> translation "
-                    f"{t.end_of_speech_to_translation_ms:.0f} ms, -> first audio "
-                    f"{t.end_of_speech_to_first_audio_ms:.0f} ms"
-                )
+            if live and result is not None:
+                _show(event)
     audio_out = bytearray()
     rate = 0
     for u in collector.utterances.values():
