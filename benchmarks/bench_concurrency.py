@@ -52,11 +52,9 @@ from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
+from services.common.audio import SAMPLE_RATE_HZ
 from services.common.resilience import Deadline
-from services.translate.config import Backend, TranslateConfig
-from services.translate.llm import EmbeddedLlamaBackend
-from tests.fixtures.tiny_ct2 import build_tiny_model
-from tests.helpers import (
+from services.harness import (
     SHARED_DATA,
     ServerProcess,
     batch_counts,
@@ -65,6 +63,9 @@ from tests.helpers import (
     read_wav,
     start_server,
 )
+from services.translate.config import Backend, TranslateConfig
+from services.translate.llm import EmbeddedLlamaBackend
+from tests.fixtures.tiny_ct2 import build_tiny_model
 
 LEVEL_S = 6.0
 WARMUP_S = 1.0
@@ -74,7 +75,7 @@ LEVELS = (1, 4, 16, 64)
 LLM_LEVELS = (1, 4, 16)
 SLOW_LEVEL_S = 20.0  # stages whose requests take hundreds of ms: enough requests per level for a p99
 VAD_CHUNK_BYTES = 3200  # 100 ms of PCM_S16LE at 16 kHz
-PCM16_16K = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=16000, channels=1)
+PCM16_16K = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=SAMPLE_RATE_HZ, channels=1)
 Call = Callable[[int], Awaitable[float]]  # client call i -> units done
 MakeCall = Callable[[grpc.aio.Channel], Call]
 

@@ -28,9 +28,9 @@ import numpy as np
 
 from parley.audio.v1 import audio_pb2
 from parley.gateway.v1 import gateway_pb2
-from services.cli import STAGES, LocalCluster
-from services.gateway.client import GatewayClient, paced, split_pcm
-from tests.helpers import free_port
+from services.clients.cluster import STAGES, LocalCluster
+from services.clients.gateway_client import GatewayClient, paced, split_pcm
+from services.harness import free_port
 
 FLEURS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "speech" / "fleurs"
 TARGET_P95_S = 1.2

@@ -32,9 +32,10 @@ import numpy as np
 
 from parley.audio.v1 import audio_pb2
 from parley.gateway.v1 import gateway_pb2
-from services.cli import STAGES, LocalCluster
-from services.gateway.client import GatewayClient, paced, split_pcm
-from tests.helpers import free_port
+from services.clients.cluster import STAGES, LocalCluster
+from services.clients.gateway_client import GatewayClient, paced, split_pcm
+from services.common.audio import SAMPLE_RATE_HZ
+from services.harness import free_port
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "speech"
 SETS = {"en": ("fleurs", "ljspeech", "librispeech"), "fr": ("fleurs", "commands")}
@@ -65,7 +66,7 @@ def _rss_mb(pid: int) -> float:
 
 def _audio(language: str, duration_s: float) -> list[bytes]:
     """Recordings back to back, each followed by GAP_S of silence, until ``duration_s``; 100 ms chunks."""
-    gap = np.zeros(int(GAP_S * 16000), "<i2").tobytes()
+    gap = np.zeros(int(GAP_S * SAMPLE_RATE_HZ), "<i2").tobytes()
     pcm = bytearray()
     recordings = _recordings(language)
     i = 0
@@ -93,7 +94,9 @@ async def _stream(address: str, lane: int, duration_s: float, tally: Tally) -> N
         request_id=f"soak-{lane}",
         source_language=language,
         target_language=PAIRS[language],
-        input_format=audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=16000, channels=1),
+        input_format=audio_pb2.AudioFormat(
+            encoding=audio_pb2.PCM_S16LE, sample_rate_hz=SAMPLE_RATE_HZ, channels=1
+        ),
         synthesize_speech=True,
     )
     answered: set[int] = set()

@@ -31,14 +31,13 @@ import numpy as np
 from benchmarks.metrics import wer
 from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
-from services.common.audio import float_to_pcm16
+from services.common.audio import SAMPLE_RATE_HZ, float_to_pcm16
+from services.harness import ENGLISH_SETS, read_manifest, read_wav, start_server
 from services.stt.config import SttConfig
 from services.stt.engine import WhisperEngine, merge_transcripts
-from tests.helpers import ENGLISH_SETS, read_manifest, read_wav, start_server
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "speech" / "ljspeech"
-RATE_HZ = 16000
-PCM16 = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1)
+PCM16 = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=SAMPLE_RATE_HZ, channels=1)
 GAP_S = 0.3
 REPEATS = 5
 LONG_REPEATS = 5
@@ -63,8 +62,8 @@ def build_utterance(target_s: float) -> tuple[np.ndarray, str]:
     parts: list[np.ndarray] = []
     texts: list[str] = []
     total = 0
-    target = int(target_s * RATE_HZ)
-    gap = np.zeros(int(GAP_S * RATE_HZ), dtype=np.float32)
+    target = int(target_s * SAMPLE_RATE_HZ)
+    gap = np.zeros(int(GAP_S * SAMPLE_RATE_HZ), dtype=np.float32)
     for row in sorted(rows, key=lambda r: -float(r["duration_s"])):
         clip = _read(DATA / row["file"])
         extra = len(clip) + (len(gap) if parts else 0)
@@ -95,7 +94,7 @@ def _local_text(engine: WhisperEngine, audio: np.ndarray, beam: int) -> str:
     """What the server does for one request, in this process: windows decoded one by one, then merged."""
     options = engine.options(language="en", beam_size=beam)
     parts = [engine.transcribe_batch([w])[0] for w in engine.windows(audio, options)]
-    return merge_transcripts(parts, len(audio) / RATE_HZ, "en").text
+    return merge_transcripts(parts, len(audio) / SAMPLE_RATE_HZ, "en").text
 
 
 def _throughput(address: str, pcms: list[bytes]) -> tuple[float, list[str]]:
@@ -120,7 +119,7 @@ def windows_and_batching() -> None:
     rows = [row for name in ENGLISH_SETS for row in read_manifest(name)]
     pcms = [read_wav(r["path"])[0] for r in rows]
     refs = [r["reference_text"] for r in rows]
-    audio_s = sum(len(p) for p in pcms) / 2 / RATE_HZ
+    audio_s = sum(len(p) for p in pcms) / 2 / SAMPLE_RATE_HZ
     print(
         f"\nWindows and batching: {len(rows)} English utterances ({audio_s:.0f} s of audio), {CONCURRENCY} "
         "requests in flight, Whisper base int8 CPU, beam 5, language en"

@@ -26,8 +26,8 @@ from pathlib import Path
 import grpc
 
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
+from services.harness import SHARED_DATA, start_server
 from tests.fixtures.tiny_ct2 import build_tiny_model
-from tests.helpers import SHARED_DATA, start_server
 
 CT2_DECODE_TOKENS = 32
 # (requests at batch 1, requests at batch 16) per backend.

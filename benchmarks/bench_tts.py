@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
-from tests.helpers import start_server
+from services.harness import start_server
 
 FLEURS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "speech" / "fleurs"
 PARAGRAPHS = {

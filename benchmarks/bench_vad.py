@@ -16,9 +16,10 @@ import numpy as np
 
 from parley.audio.v1 import audio_pb2
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
+from services.common.audio import SAMPLE_RATE_HZ
 from services.common.models import silero_vad_path
-from services.vad.engine import SAMPLE_RATE_HZ, SileroVad, VadParams
-from tests.helpers import read_manifest, read_wav, start_server
+from services.harness import read_manifest, read_wav, start_server
+from services.vad.engine import SileroVad, VadParams
 
 CLIP_S = 30.0
 REPEATS = 7

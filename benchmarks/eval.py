@@ -1,7 +1,7 @@
 """``make eval``: measures Parley on ../shared/data and writes docs/evaluation.md with its charts.
 
-Starts the five servers itself (services.cli.LocalCluster on free ports, default settings: Whisper base
-int8 on CPU, the translation server's default backend, Piper/espeak-ng TTS), then measures:
+Starts the five servers itself (services.clients.cluster.LocalCluster on free ports, default settings:
+Whisper base int8 on CPU, the translation server's default backend, Piper/espeak-ng TTS), then measures:
 
 1. STT word error rate per dataset and language (benchmarks.metrics: Whisper's normalisers, corpus WER),
    and the real-time factor (wall time of each Transcribe call / audio duration, one call at a time).
@@ -10,7 +10,7 @@ int8 on CPU, the translation server's default backend, Piper/espeak-ng TTS), the
 3. Speech translation chrF on FLEURS against the human translations: cascade (STT then translation) for
    fr->en and en->fr, and Whisper's direct translate task for fr->en.
 4. TTS round trip: FLEURS reference sentences synthesised, transcribed again, WER against the text.
-5. Subtitle rule violations (services.gateway.subtitles) on the FLEURS recordings (translated) and on a
+5. Subtitle rule violations (services.subtitles) on the FLEURS recordings (translated) and on a
    concatenation of the LJSpeech recordings (same language), through the TranslateFile batch path.
 6. End-to-end latency of live speech translation (benchmarks.bench_gateway, one stream at real time).
 
@@ -41,18 +41,17 @@ from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2_grpc
-from services.cli import STAGES, LocalCluster
-from services.common.audio import float_to_pcm16, resample
+from services.clients.cluster import STAGES, LocalCluster
+from services.common.audio import SAMPLE_RATE_HZ, float_to_pcm16, resample
 from services.gateway.file_job import FileJobSettings, FileTranslator
+from services.harness import SHARED_DATA, free_port, read_manifest, read_wav
 from services.stt.config import SttConfig
-from tests.helpers import SHARED_DATA, free_port, read_manifest, read_wav
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 FIGURES = DOCS / "evaluation"
-RATE_HZ = 16000
 LINES = int(os.environ.get("PARLEY_EVAL_LINES", "40"))
-PCM16 = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1)
+PCM16 = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=SAMPLE_RATE_HZ, channels=1)
 SPEECH_SETS = [
     ("ljspeech", "en"),
     ("librispeech", "en"),
@@ -122,7 +121,7 @@ def eval_stt(stt: Any) -> list[dict[str, Any]]:
             started = time.perf_counter()
             hyps.append(_transcribe(stt, pcm, language).text)
             wall_s += time.perf_counter() - started
-            audio_s += len(pcm) / 2 / RATE_HZ
+            audio_s += len(pcm) / 2 / SAMPLE_RATE_HZ
         score = metrics.wer([r["reference_text"] for r in rows], hyps, language)
         results.append(
             {
@@ -206,7 +205,7 @@ def eval_tts(tts: Any, stt: Any) -> tuple[list[dict[str, Any]], dict[str, str]]:
             response = tts.Synthesize(tts_pb2.SynthesizeRequest(text=text, language=language), timeout=120)
             voices[language] = response.voice
             samples = np.frombuffer(response.audio, dtype="<i2").astype(np.float32) / 32768.0
-            audio = resample(samples, response.format.sample_rate_hz or RATE_HZ, RATE_HZ)
+            audio = resample(samples, response.format.sample_rate_hz or SAMPLE_RATE_HZ, SAMPLE_RATE_HZ)
             hyps.append(_transcribe(stt, float_to_pcm16(audio), language).text)
         score = metrics.wer(texts, hyps, language)
         results.append({"language": language, "voice": voices[language], "n": len(texts), "wer": score})
@@ -227,7 +226,7 @@ async def _subtitles(addresses: dict[str, str]) -> list[dict[str, Any]]:
         for row in read_manifest("fleurs"):
             target = "en" if row["language"] == "fr" else "fr"
             inputs.append((f"FLEURS {row['file']}", _pcm(row["path"]), row["language"], target))
-        gap = np.zeros(RATE_HZ, "<i2").tobytes()
+        gap = np.zeros(SAMPLE_RATE_HZ, "<i2").tobytes()
         lj_rows = read_manifest("ljspeech")
         lj = gap + gap.join(_pcm(r["path"]) for r in lj_rows) + gap
         inputs.append((f"LJSpeech, all {len(lj_rows)} recordings concatenated", lj, "en", ""))
@@ -248,7 +247,7 @@ async def _subtitles(addresses: dict[str, str]) -> list[dict[str, Any]]:
                         "repetition": track.repetition_cues,
                         "low_confidence": track.low_confidence_cues,
                         "dropped": len(track.dropped_segments),
-                        "speed": len(audio) / RATE_HZ / wall_s,
+                        "speed": len(audio) / SAMPLE_RATE_HZ / wall_s,
                     }
                 )
             print(f"subtitles {name}: {[(t.language, t.violation_total) for t in tracks]} in {wall_s:.1f} s")

@@ -204,7 +204,7 @@ def _sample_speech(directory: Path) -> Path:
     """A sentence spoken by the bundled Piper voice, at 16 kHz, when no recording is at hand."""
     import soxr
 
-    from services.cli import write_wav
+    from services.clients.media import write_wav
     from services.tts.config import BUNDLED_PIPER_VOICE
     from services.tts.engine import PiperSynthesizer, piper_model_path
 

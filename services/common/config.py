@@ -18,6 +18,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# The port of each stage in a cluster: ``parley up``, the gateway's default stage addresses, the compose files
+# and the Kubernetes manifests (a stage started alone defaults to port 0, a free one).
+DEFAULT_PORTS = {"gateway": 50051, "vad": 50052, "stt": 50053, "translate": 50054, "tts": 50055}
+
 
 def option(default: Any, help: str, *, secret: bool = False) -> Any:  # noqa: A002 - argparse's keyword
     """A dataclass field with its help text (say the unit); ``secret``: its value never shows in --help."""

@@ -10,7 +10,7 @@ Pipeline (one :class:`FileTranslator` call)::
               stt_concurrency at a time (similar durations side by side, so a batching STT server pads little)
     texts  -> Translate, many texts per call (translate_batch_texts / translate_batch_chars); a repetition
               loop in a translation (absent from its source) is cut to one occurrence and reported
-    words  -> cues (services.gateway.subtitles), timing fixed, quality report
+    words  -> cues (services.subtitles), timing fixed, quality report
 
 It needs only the three stubs (``grpc.aio`` stubs or anything with the same awaitable methods), so the gateway
 servicer exposes it in a few lines and the ``parley subtitles`` command can run it in-process too.
@@ -37,6 +37,8 @@ from parley.gateway.v1 import gateway_pb2
 from parley.stt.v1 import stt_pb2
 from parley.translate.v1 import translate_pb2
 from parley.vad.v1 import vad_pb2
+from services import subtitles as subs
+from services.common.audio import SAMPLE_RATE_HZ as RATE_HZ
 from services.common.audio import PcmStream, float_to_pcm16
 from services.common.config import flag
 from services.common.errors import (
@@ -48,13 +50,11 @@ from services.common.errors import (
 )
 from services.common.resilience import Deadline, Guard, SystemClock
 from services.common.text import primary_language
-from services.gateway import subtitles as subs
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import stage_guards
 
 logger = logging.getLogger(__name__)
 
-RATE_HZ = 16000
 _PCM16_FORMAT = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1)
 
 

@@ -21,6 +21,8 @@ from services.gateway.validation import StageCatalog, check_file_config, check_s
 
 logger = logging.getLogger(__name__)
 
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+
 # Time kept from the grace period for the streams' last events to reach their callers, in seconds.
 DRAIN_MARGIN_S = 1.0
 

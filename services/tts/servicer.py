@@ -10,6 +10,8 @@ from parley.audio.v1 import audio_pb2
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from services.tts.engine import Synthesis, TtsEngine
 
+SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["SpeechSynthesis"].full_name
+
 
 def _format(result: Synthesis) -> audio_pb2.AudioFormat:
     return audio_pb2.AudioFormat(

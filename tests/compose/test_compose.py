@@ -25,9 +25,10 @@ import pytest
 from benchmarks.metrics import wer
 from parley.audio.v1 import audio_pb2
 from parley.gateway.v1 import gateway_pb2
-from services.gateway.client import Collector, GatewayClient, split_pcm
+from services.clients.gateway_client import Collector, GatewayClient, split_pcm
+from services.harness import read_wav
 from tests.compose.conftest import METRICS_PORTS, STAGE_SERVICES, Cluster, record_figure
-from tests.helpers import read_manifest, read_wav
+from tests.helpers import read_manifest
 
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(900)]
 

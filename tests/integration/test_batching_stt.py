@@ -19,7 +19,8 @@ from benchmarks.metrics import wer
 from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import float_to_pcm16
-from tests.helpers import ENGLISH_SETS, batch_counts, free_port, read_manifest, read_wav, report, start_server
+from services.harness import ENGLISH_SETS, batch_counts, free_port, read_wav, start_server
+from tests.helpers import read_manifest, report
 
 pytestmark = pytest.mark.timeout(900)
 

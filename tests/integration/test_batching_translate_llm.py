@@ -20,9 +20,10 @@ from benchmarks.metrics import chrf
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from services.common.errors import DeadlineExceeded
 from services.common.resilience import Deadline
+from services.harness import batch_counts, free_port, start_server
 from services.translate.config import TranslateConfig
 from services.translate.llm import EmbeddedLlamaBackend, LlmPair
-from tests.helpers import batch_counts, free_port, shared_data, start_server
+from tests.helpers import shared_data
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,8 +16,9 @@ import pytest
 from parley.audio.v1 import audio_pb2
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
 from services.common.models import silero_vad_path
+from services.harness import batch_counts, free_port, read_wav, start_server
 from services.vad.engine import SileroVad, VadParams
-from tests.helpers import batch_counts, free_port, read_manifest, read_wav, start_server
+from tests.helpers import read_manifest
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
 

@@ -15,7 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from parley.audio.v1 import audio_pb2
 from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from services.cli import decode_audio, main
+from services.clients.cli import main
+from services.clients.media import decode_audio
 
 pytestmark = pytest.mark.timeout(60)
 

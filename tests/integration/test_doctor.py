@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 from services.common.models import whisper_base_dir
-from tests.helpers import ROOT, shared_data
+from services.harness import ROOT
+from tests.helpers import shared_data
 
 
 def doctor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -34,8 +34,9 @@ from parley.stt.v1 import stt_pb2
 from parley.translate.v1 import translate_pb2
 from parley.tts.v1 import tts_pb2
 from parley.vad.v1 import vad_pb2
-from services.cli import check_health
-from tests.helpers import read_manifest, read_wav, start_server
+from services.clients.cluster import check_health
+from services.harness import read_wav, start_server
+from tests.helpers import read_manifest
 
 pytestmark = pytest.mark.timeout(900)
 

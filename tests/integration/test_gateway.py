@@ -24,8 +24,9 @@ from benchmarks.metrics import chrf, wer
 from parley.audio.v1 import audio_pb2
 from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
-from services.gateway.client import Collector, GatewayClient, split_pcm
-from tests.helpers import TraceReceiver, free_port, read_manifest, read_wav, start_server
+from services.clients.gateway_client import Collector, GatewayClient, split_pcm
+from services.harness import free_port, read_wav, start_server
+from tests.helpers import TraceReceiver, read_manifest
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 

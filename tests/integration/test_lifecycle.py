@@ -23,7 +23,8 @@ from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
-from tests.helpers import read_manifest, read_wav, start_server
+from services.harness import read_wav, start_server
+from tests.helpers import read_manifest
 
 pytestmark = pytest.mark.timeout(180)
 

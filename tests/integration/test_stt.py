@@ -21,7 +21,8 @@ import soxr
 from benchmarks.metrics import chrf, wer
 from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
-from tests.helpers import ENGLISH_SETS, read_manifest, read_wav, report, start_server
+from services.harness import ENGLISH_SETS, read_wav, start_server
+from tests.helpers import read_manifest, report
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -40,11 +40,12 @@ from services.common.errors import (
 from services.common.http import multipart_form, post_json
 from services.common.models import silero_vad_path
 from services.common.resilience import Deadline
+from services.harness import read_wav, start_server
 from services.stt.config import DEFAULT_HALLUCINATION_PHRASES, VOXTRAL_LANGUAGES
 from services.stt.endpointing import SileroSession
 from services.stt.filters import HallucinationGates
 from services.stt.openai_backend import OpenAiTranscriptionBackend, wav_bytes
-from tests.helpers import read_manifest, read_wav, start_server
+from tests.helpers import read_manifest
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -23,14 +23,15 @@ import pytest
 
 from benchmarks.metrics import wer
 from parley.gateway.v1 import gateway_pb2_grpc
+from services import subtitles as subs
+from services.clients import subtitles_command
 from services.common.audio import pcm16_to_wav
 from services.common.server import StatusMappingInterceptor
-from services.gateway import subtitles as subs
-from services.gateway import subtitles_cli
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import Downstream
 from services.gateway.servicer import GatewayServicer
-from tests.helpers import ROOT, read_manifest, read_wav, report, start_server
+from services.harness import ROOT, read_wav, start_server
+from tests.helpers import read_manifest, report
 
 srt = pytest.importorskip("srt", reason="srt is in the dev extra")
 webvtt = pytest.importorskip("webvtt", reason="webvtt-py is in the dev extra")
@@ -110,7 +111,7 @@ def write_video(path: Path, pcm: bytes) -> None:
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """`parley subtitles` in this process (for inputs rejected before any gRPC call)."""
-    code = subtitles_cli.main(argv)
+    code = subtitles_command.main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -120,7 +121,7 @@ async def run_command(argv: list[str], timeout_s: float = 900) -> tuple[int, str
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.gateway.subtitles_cli",
+        "services.clients.subtitles_command",
         *argv,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,

@@ -24,11 +24,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from parley.audio.v1 import audio_pb2
 from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from services.cli import check_health, translate_file, write_wav
-from services.cli import main as parley
+from services.clients.cli import main as parley
+from services.clients.cli import translate_file
+from services.clients.cluster import check_health
+from services.clients.media import write_wav
 from services.common.auth import bearer_metadata
 from services.common.tls import ClientTls, open_channel
-from tests.helpers import ROOT, start_server
+from services.harness import ROOT, start_server
 
 pytestmark = pytest.mark.timeout(120)
 

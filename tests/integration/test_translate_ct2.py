@@ -19,10 +19,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from services.common.errors import InvalidArgument
+from services.harness import batch_counts, free_port, start_server
 from services.translate.config import Backend, TranslateConfig
 from services.translate.engine import load_engine
 from tests.fixtures.tiny_ct2 import build_tiny_model
-from tests.helpers import batch_counts, free_port, shared_data, start_server
+from tests.helpers import shared_data
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
 

@@ -25,7 +25,8 @@ import pytest
 
 from benchmarks.metrics import chrf
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
-from tests.helpers import report, shared_data, start_server
+from services.harness import start_server
+from tests.helpers import report, shared_data
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.asyncio(loop_scope="session")]
 

@@ -20,7 +20,8 @@ from benchmarks.metrics import wer
 from parley.audio.v1 import audio_pb2
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from services.common.models import resolve_whisper
-from tests.helpers import free_port, read_manifest, report, start_server
+from services.harness import free_port, start_server
+from tests.helpers import read_manifest, report
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -7,6 +7,7 @@ import pytest
 from faster_whisper import vad as fw_vad
 
 from services.common.models import silero_vad_path
+from services.harness import read_wav
 from services.vad.engine import (
     CONTEXT_SAMPLES,
     WINDOW_SAMPLES,
@@ -16,7 +17,7 @@ from services.vad.engine import (
     VadParams,
     frame_windows,
 )
-from tests.helpers import read_manifest, read_wav
+from tests.helpers import read_manifest
 
 pytestmark = pytest.mark.timeout(120)
 

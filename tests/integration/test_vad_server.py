@@ -11,7 +11,8 @@ import soxr
 
 from parley.audio.v1 import audio_pb2
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
-from tests.helpers import read_manifest, read_wav, start_server
+from services.harness import read_wav, start_server
+from tests.helpers import read_manifest
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
 

@@ -23,9 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from services.cli import DEFAULT_PORTS
-from services.cli import main as parley
-from services.common.config import ServerConfig, env_var, flag, load_config
+from services.clients.cli import main as parley
+from services.common.config import DEFAULT_PORTS, ServerConfig, env_var, flag, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

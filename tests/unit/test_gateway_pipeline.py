@@ -19,9 +19,9 @@ from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
+from services.clients.gateway_client import Collector, GatewayClient, split_pcm
 from services.common.server import StatusMappingInterceptor
 from services.common.telemetry import server_interceptors
-from services.gateway.client import Collector, GatewayClient, split_pcm
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import Downstream
 from services.gateway.servicer import GatewayServicer

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.cli import DEFAULT_PORTS
+from services.common.config import DEFAULT_PORTS
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.31.0"  # native gRPC probes are GA since 1.27

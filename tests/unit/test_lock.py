@@ -9,7 +9,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.helpers import ROOT
+from services.harness import ROOT
 
 PINNED = re.compile(r"^([A-Za-z0-9._-]+)==([^ ;\\]+)", re.M)
 

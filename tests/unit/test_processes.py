@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from services.cli import LocalCluster
+from services.clients.cluster import LocalCluster
 from services.common.processes import describe_exit
 
 

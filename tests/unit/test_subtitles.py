@@ -7,8 +7,9 @@ from datetime import timedelta
 
 import pytest
 
-from services.gateway import subtitles as subs
+from services import subtitles as subs
 from services.gateway.file_job import make_chunks, merge_windows
+from services.subtitles import layout
 
 srt = pytest.importorskip("srt", reason="srt is in the dev extra")
 webvtt = pytest.importorskip("webvtt", reason="webvtt-py is in the dev extra")
@@ -77,7 +78,7 @@ def test_never_breaks_after_an_article_or_pronoun():
         "Nous avons attendu le train pendant une heure à la gare de Lyon hier",
     ):
         top, bottom = subs.break_lines(text)
-        assert subs._bare(top.split()[-1]) not in subs._NO_BREAK_AFTER, (top, bottom)
+        assert layout._bare(top.split()[-1]) not in layout._NO_BREAK_AFTER, (top, bottom)
 
 
 def test_long_utterance_is_split_at_word_timestamps_within_max_duration():

@@ -30,67 +30,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from services.cli import DEFAULT_SERVER, add_client_security_args, client_security
+from services.clients.flags import DEFAULT_SERVER, add_client_security_args, client_security
+from services.clients.media import MediaError, decode_audio
+from services.common.audio import SAMPLE_RATE_HZ
 from services.common.auth import bearer_metadata
 from services.common.tls import ClientTls, open_channel
 
-RATE_HZ = 16000
 _CHUNK_BYTES = 64 * 1024
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-
-
-class MediaError(Exception):
-    """The input cannot be turned into audio; the message says why, for the user."""
-
-
-def decode_media(path: str | Path) -> np.ndarray:
-    """Decodes the first audio stream of any file PyAV reads to PCM_S16LE mono at 16 kHz.
-
-    Args:
-        path: Audio or video file (wav, flac, mp3, ogg, opus, m4a, mp4, mkv, webm...).
-
-    Returns:
-        int16 samples, shape (n_samples,), 16 kHz mono (empty for a stream with no samples).
-
-    Raises:
-        MediaError: Missing file, not a media file or corrupt, no audio stream, or a codec FFmpeg lacks.
-    """
-    import av
-
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise MediaError(f"{path}: the file is empty (0 bytes)")
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as exc:
-        raise MediaError(
-            f"{path}: not a media file FFmpeg can read, or corrupt ({exc.strerror or exc})"
-        ) from exc
-    with container:
-        streams = [s for s in container.streams if s.type == "audio"]
-        if not streams:
-            kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
-            raise MediaError(f"{path}: no audio stream in the file (streams found: {kinds})")
-        stream = streams[0]
-        codec = getattr(stream.codec_context, "name", None) if stream.codec_context is not None else None
-        if not codec or codec == "none":
-            raise MediaError(f"{path}: unsupported audio codec (FFmpeg has no decoder for this stream)")
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE_HZ)
-        parts: list[np.ndarray] = []
-        try:
-            for frame in container.decode(audio=0):
-                for out in resampler.resample(frame):
-                    parts.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                parts.append(out.to_ndarray().reshape(-1))
-        except av.error.FFmpegError as exc:
-            raise MediaError(
-                f"{path}: the {codec} audio could not be decoded; the file is corrupt or truncated "
-                f"({exc.strerror or exc})"
-            ) from exc
-    return np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, dtype=np.int16)
 
 
 class ProgressBar:
@@ -224,17 +171,89 @@ def _write(path: str, text: str) -> str:
     return str(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``parley subtitles``; returns the exit code."""
+def _file_config(args: argparse.Namespace) -> Any:
+    """The ``TranslateFileConfig`` of the job: 16 kHz PCM_S16LE mono, the languages and beam size asked."""
+    from parley.audio.v1 import audio_pb2
+    from parley.gateway.v1 import gateway_pb2
+
+    return gateway_pb2.TranslateFileConfig(
+        request_id=f"subtitles-{os.getpid()}",
+        source_language=_source(args.source),
+        target_language=args.target,
+        input_format=audio_pb2.AudioFormat(
+            encoding=audio_pb2.PCM_S16LE, sample_rate_hz=SAMPLE_RATE_HZ, channels=1
+        ),
+        beam_size=args.beam_size,
+    )
+
+
+def _failure(exc: Exception, args: argparse.Namespace, in_process: bool) -> str:
+    """The one line a failed job prints: the status code and details, with a hint for a missing gateway."""
+    import grpc
+
+    if isinstance(exc, grpc.aio.AioRpcError):
+        hint = ""
+        if exc.code() is grpc.StatusCode.UNAVAILABLE and not in_process:
+            hint = f" (is a gateway running at {args.server}? start one with `parley up`)"
+        return f"parley subtitles: {exc.code().name}: {exc.details()}{hint}\n"
+    code = getattr(exc, "code", None)
+    prefix = f"{code}: " if isinstance(code, str) else ""
+    return f"parley subtitles: {prefix}{exc}\n"
+
+
+def _write_files(args: argparse.Namespace, result: Any) -> list[str]:
+    """Writes the SRT file (and the WebVTT file with ``--vtt``) of ``result``; returns their paths."""
+    from services import subtitles as subs
+    from services.gateway.file_job import cues_from_proto
+
+    source_cues = cues_from_proto(result.source_cues)
+    target_cues = cues_from_proto(result.target_cues)
+    shown = target_cues if result.target_language else source_cues
+    second = None
+    if args.bilingual and result.target_language:
+        shown, second = source_cues, subs.align_second_track(source_cues, target_cues)
+    output = args.output or str(Path(args.input).with_suffix(".srt"))
+    written = [_write(output, subs.to_srt(shown, second))]
+    if args.vtt:
+        written.append(_write(args.vtt, subs.to_vtt(shown, second)))
+    return written
+
+
+def _print_report(
+    args: argparse.Namespace, result: Any, written: list[str], duration_s: float, wall_s: float
+) -> None:
+    """The quality report on stdout: a table and one summary line, or one JSON document with ``--json``."""
     from google.protobuf.json_format import MessageToDict
 
-    from services.gateway import subtitles as subs
-    from services.gateway.file_job import cues_from_proto, report_from_proto
+    from services import subtitles as subs
+    from services.gateway.file_job import report_from_proto
 
+    if args.json:
+        doc = MessageToDict(
+            result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        doc["files"] = written
+        doc["wall_s"] = round(wall_s, 3)
+        doc["speed_x_realtime"] = round(duration_s / wall_s, 2) if wall_s else None
+        sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+        return
+    reports = [report_from_proto(result.source_quality, result.source_cues)]
+    if result.target_language:
+        reports.append(report_from_proto(result.target_quality, result.target_cues))
+    sys.stdout.write(subs.summary_table(reports) + "\n")
+    speed = duration_s / wall_s if wall_s else 0.0
+    sys.stdout.write(
+        f"{duration_s:.1f} s of audio ({result.speech_duration_s:.1f} s speech) in {wall_s:.1f} s "
+        f"({speed:.1f}x real time); wrote {', '.join(written)}\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``parley subtitles``; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
     tls = client_security(parser, args)
-    stdout, stderr = sys.stdout, sys.stderr
+    stderr = sys.stderr
     in_process = [bool(args.vad), bool(args.stt), bool(args.translate or not args.target)]
     if any(in_process[:2] + [bool(args.translate)]) and not all(in_process):
         stderr.write(
@@ -243,83 +262,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
-        samples = decode_media(args.input)
+        samples = decode_audio(args.input)
     except MediaError as exc:
         stderr.write(f"parley subtitles: {exc}\n")
         return 1
-    duration_s = len(samples) / RATE_HZ
+    duration_s = len(samples) / SAMPLE_RATE_HZ
     bar = ProgressBar(duration_s, stderr, enabled=not args.no_progress)
     started = time.monotonic()
     try:
         if all(in_process):
             result = asyncio.run(_in_process(args, tls, samples, bar))
         else:
-            from parley.audio.v1 import audio_pb2
-            from parley.gateway.v1 import gateway_pb2
-
-            config = gateway_pb2.TranslateFileConfig(
-                request_id=f"subtitles-{os.getpid()}",
-                source_language=_source(args.source),
-                target_language=args.target,
-                input_format=audio_pb2.AudioFormat(
-                    encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1
-                ),
-                beam_size=args.beam_size,
-            )
-            result = asyncio.run(_via_gateway(args, tls, samples.tobytes(), config, bar))
+            result = asyncio.run(_via_gateway(args, tls, samples.tobytes(), _file_config(args), bar))
     except Exception as exc:  # noqa: BLE001 - a command-line tool reports every failure as one line
         bar.close()
-        import grpc
-
-        if isinstance(exc, grpc.aio.AioRpcError):
-            hint = ""
-            if exc.code() is grpc.StatusCode.UNAVAILABLE and not all(in_process):
-                hint = f" (is a gateway running at {args.server}? start one with `parley up`)"
-            stderr.write(f"parley subtitles: {exc.code().name}: {exc.details()}{hint}\n")
-        else:
-            code = getattr(exc, "code", None)
-            prefix = f"{code}: " if isinstance(code, str) else ""
-            stderr.write(f"parley subtitles: {prefix}{exc}\n")
+        stderr.write(_failure(exc, args, all(in_process)))
         return 1
     bar.close()
     wall_s = time.monotonic() - started
-
-    source_cues = cues_from_proto(result.source_cues)
-    target_cues = cues_from_proto(result.target_cues)
-    translated = bool(result.target_language)
-    shown = target_cues if translated else source_cues
-    second = None
-    if args.bilingual and translated:
-        shown, second = source_cues, subs.align_second_track(source_cues, target_cues)
-    output = args.output or str(Path(args.input).with_suffix(".srt"))
-    written = [_write(output, subs.to_srt(shown, second))]
-    if args.vtt:
-        written.append(_write(args.vtt, subs.to_vtt(shown, second)))
-    reports = [report_from_proto(result.source_quality, result.source_cues)]
-    if translated:
-        reports.append(report_from_proto(result.target_quality, result.target_cues))
-    silent = not source_cues
-    if args.json:
-        doc = MessageToDict(
-            result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
-        doc["files"] = written
-        doc["wall_s"] = round(wall_s, 3)
-        doc["speed_x_realtime"] = round(duration_s / wall_s, 2) if wall_s else None
-        stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
-    else:
-        stdout.write(subs.summary_table(reports) + "\n")
-        speed = duration_s / wall_s if wall_s else 0.0
-        stdout.write(
-            f"{duration_s:.1f} s of audio ({result.speech_duration_s:.1f} s speech) in {wall_s:.1f} s "
-            f"({speed:.1f}x real time); wrote {', '.join(written)}\n"
-        )
-    if silent:
+    written = _write_files(args, result)
+    _print_report(args, result, written, duration_s, wall_s)
+    if not result.source_cues:
         stderr.write(
             "parley subtitles: no speech found in the file: the subtitle file is empty"
             f" ({', '.join(written)})\n"
         )
-    stdout.flush()
+    sys.stdout.flush()
     return 0
 
 

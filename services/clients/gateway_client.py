@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.audio import SAMPLE_RATE_HZ
 from services.common.auth import bearer_metadata
 from services.common.tls import ClientTls, open_channel
 
@@ -34,7 +35,7 @@ async def _chunks(audio: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterato
 
 
 def split_pcm(
-    pcm: bytes, chunk_ms: float = 100.0, sample_rate_hz: int = 16000, sample_width: int = 2
+    pcm: bytes, chunk_ms: float = 100.0, sample_rate_hz: int = SAMPLE_RATE_HZ, sample_width: int = 2
 ) -> list[bytes]:
     """Splits mono PCM into chunks of ``chunk_ms`` milliseconds (the last may be shorter)."""
     size = max(sample_width, int(sample_rate_hz * chunk_ms / 1000) * sample_width)
@@ -42,7 +43,7 @@ def split_pcm(
 
 
 async def paced(
-    chunks: Iterable[bytes], sample_rate_hz: int = 16000, sample_width: int = 2
+    chunks: Iterable[bytes], sample_rate_hz: int = SAMPLE_RATE_HZ, sample_width: int = 2
 ) -> AsyncIterator[bytes]:
     """Yields mono PCM chunks no faster than real time (as a microphone would)."""
     start = time.monotonic()
