@@ -39,3 +39,9 @@ class DeadlineExceeded(ParleyError):
     """The caller's deadline passed before the work could be done."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+class DataLoss(ParleyError):
+    """Audio that was needed is gone (a defect: backpressure should have kept it)."""
+
+    code = "DATA_LOSS"

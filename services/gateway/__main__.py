@@ -7,12 +7,13 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 
 from parley.gateway.v1 import gateway_pb2_grpc
+from services.common.audio import SAMPLE_RATE_HZ
 from services.common.config import load_config
 from services.common.server import Stage, run
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import Downstream
 from services.gateway.servicer import GatewayServicer
-from services.gateway.session import RATE_HZ, VAD_LOOKBACK_SAMPLES
+from services.gateway.session import VAD_LOOKBACK_SAMPLES
 
 
 def _load(config: GatewayConfig) -> None:
@@ -22,7 +23,7 @@ def _load(config: GatewayConfig) -> None:
         ValueError: ``max_buffer_s`` leaves audio intake no room ahead of the VAD (see
             :meth:`services.gateway.session.StreamSession._hold_from`).
     """
-    least_s = config.max_utterance_s + VAD_LOOKBACK_SAMPLES / RATE_HZ + 1.0
+    least_s = config.max_utterance_s + VAD_LOOKBACK_SAMPLES / SAMPLE_RATE_HZ + 1.0
     if config.max_buffer_s < least_s:
         raise ValueError(
             f"--max-buffer-s {config.max_buffer_s:g} must be at least --max-utterance-s + 3 s ({least_s:g}): "

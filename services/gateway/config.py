@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from services.common.config import DEFAULT_PORTS, ServerConfig, option
 from services.common.streams import StreamLimitsConfig
+
+
+class CommitPolicy(enum.Enum):
+    """When the live path commits words (``--live-commit-policy``)."""
+
+    LOCAL_AGREEMENT = "local_agreement"
+    UTTERANCE = "utterance"
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,26 @@ class GatewayConfig(StreamLimitsConfig, ServerConfig):
     max_pending_utterances: int = option(
         4, "Utterances per stream detected but not yet sent back; past it, audio intake waits (backpressure)."
     )
-    max_utterance_s: float = option(30.0, "Longest utterance sent to speech-to-text, in seconds.")
+    max_utterance_s: float = option(
+        30.0,
+        "Longest clause held in the buffer for DIRECT translation, in seconds: the VAD server's "
+        "--max-speech-s (30 s), which splits longer speech.",
+    )
     direct_to_english: bool = option(
         True,
         "Default mode (TRANSLATION_MODE_UNSPECIFIED) into English: Whisper's own translate task (DIRECT) "
         "instead of STT + translation (CASCADE). Other targets always use CASCADE.",
     )
-    interim_interval_s: float = option(
-        1.0, "With interim_results, transcribe the utterance in progress at most this often, in seconds."
+    live_commit_policy: CommitPolicy = option(
+        CommitPolicy.LOCAL_AGREEMENT,
+        "local_agreement: words are committed while the speaker talks (LocalAgreement-2 and VAD pauses) and "
+        "each clause is translated and spoken at once; utterance: each utterance is transcribed, translated "
+        "and spoken after it ends (the comparison baseline of make bench).",
+    )
+    clause_pause_ms: int = option(
+        200,
+        "local_agreement: silence inside speech that closes a clause, in milliseconds (the VAD's pause_ms): "
+        "what was said is committed, translated and spoken without waiting for the end of the utterance.",
     )
     vad_min_silence_ms: int | None = option(
         None, "Silence that ends an utterance, in ms; empty: the VAD server's default."

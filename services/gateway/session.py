@@ -1,25 +1,34 @@
-"""One TranslateSpeech stream: endpointing, then STT, translation and TTS per utterance, pipelined.
+"""One TranslateSpeech stream: endpointing, incremental recognition, then translation and speech by clause.
 
 Data flow (every queue bounded)::
 
-    client audio -> decode to 16 kHz -> ring buffer (max_buffer_s)
-                                     -> VAD StreamDetect --SpeechEnded--> cut utterance from the buffer
-    utterance -> [stt queue] -> STT worker -> [mt queue] -> translation + TTS worker
+    client audio -> decode to 16 kHz -> ring buffer (max_buffer_s) -> VAD StreamDetect
+    VAD responses -> audio up to the VAD's position, then its boundary (START / PAUSE / END)
+                  -> STT StreamingRecognize (caller endpointing, LocalAgreement-2)
+    STT commits -> clauses (a commit that closes one: punctuation, a pause, the end)
+    clause -> translation worker (Translate with the utterance's earlier clauses as context, or Whisper's
+              translate task on the clause's audio in DIRECT mode) -> speech worker (TTS SynthesizeStream)
     every utterance's events -> its own event queue -> sender, utterance by utterance
 
-Ordering guarantee: the response stream is sorted by utterance index. Every event of utterance n
-(speech_started, interim transcripts, final transcript, translation, audio chunks, timings, errors) is sent
-before any event of utterance n+1; within an utterance the order is the one above. Work is still pipelined:
-the STT worker transcribes utterance n+1 while the other worker translates and speaks utterance n; only the
-sending waits, so n+1's speech_started may reach the client after n's last audio chunk.
+Who decides what: the VAD server owns endpointing (where utterances start, pause and end); the STT server
+owns recognition (what is committed, when, and the stability of the rest); the gateway only forwards audio
+and boundaries in stream order and turns commits into clauses, translations and speech.
 
-Backpressure, not loss: at most ``max_pending_utterances`` utterances are detected but not yet fully
-sent; when that many are waiting, endpointing stops consuming VAD events. Audio intake then stops too,
-before the ring buffer would overwrite audio an utterance may still be cut from
-(:meth:`StreamSession._hold_from`: the open utterance's start, or the VAD's consumed position less a
-look-back), so the reader stops taking
-requests and gRPC flow control slows the client, whatever speed it sends at. An utterance whose audio is
-gone anyway (a defect) ends in a DATA_LOSS error event naming the span, never in silence.
+The gateway forwards audio to STT only once the VAD has seen it (the VAD reports its position at least every
+200 ms), so each boundary reaches STT right after the audio it refers to.
+
+Ordering guarantee: the response stream is sorted by utterance index: every event of utterance n comes
+before any event of utterance n+1. Within an utterance: speech_started; then interim transcripts and
+commits in time order, each clause's translation, then its audio chunks and its clause_timings (clause k
+before clause k+1); the final transcript after the utterance's last commit; timings last. A long
+utterance is translated and spoken while the speaker still talks.
+
+Backpressure, not loss: at most ``max_pending_utterances`` utterances are started but not yet fully sent;
+when that many are waiting, endpointing stops consuming VAD events, and when STT falls behind its request
+queue fills, which stops endpointing too. Audio intake then stops before the ring buffer would overwrite
+audio still needed (:meth:`StreamSession._hold_from`), so the reader stops taking requests and gRPC flow
+control slows the client, whatever speed it sends at. Every speech_started ends in a final transcript or an
+error event.
 """
 
 from __future__ import annotations
@@ -42,37 +51,36 @@ from parley.stt.v1 import stt_pb2
 from parley.translate.v1 import translate_pb2
 from parley.tts.v1 import tts_pb2
 from parley.vad.v1 import vad_pb2
-from services.common.audio import PcmStream, float_to_pcm16
-from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.common.audio import SAMPLE_RATE_HZ, PcmStream, float_to_pcm16
+from services.common.errors import DataLoss, DeadlineExceeded, InvalidArgument
 from services.common.resilience import BreakerOpen, BreakerState, Deadline, error_code
 from services.common.telemetry import tracer
 from services.common.text import primary_language
-from services.gateway.config import GatewayConfig
+from services.gateway.config import CommitPolicy, GatewayConfig
 from services.gateway.downstream import Downstream
 
 logger = logging.getLogger(__name__)
 
-RATE_HZ = 16000
-SAMPLES_PER_MS = RATE_HZ // 1000
+SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000
 # How far before the VAD position it reported an utterance may still start: a speech start is confirmed
 # after min_speech_ms and padded by speech_pad_ms (VAD defaults 250 + 30 ms); 2 s leaves room for any
 # configured values.
-VAD_LOOKBACK_SAMPLES = 2 * RATE_HZ
+VAD_LOOKBACK_SAMPLES = 2 * SAMPLE_RATE_HZ
+# Messages (audio chunks and boundaries) waiting for the STT stream; when full, endpointing waits.
+STT_QUEUE_MESSAGES = 64
 
 STAGE_LATENCY = Histogram(
     "parley_gateway_stage_duration_seconds",
-    "Time of each downstream stage call for one utterance, in seconds (tts: to its last chunk).",
+    "Time of each downstream stage call for one clause, in seconds (tts: to its last chunk).",
     ["stage"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
 )
 END_TO_FIRST_AUDIO = Histogram(
     "parley_gateway_end_of_speech_to_first_audio_seconds",
-    "VAD end of speech to the first synthesized audio byte, in seconds.",
+    "End of a clause's speech (VAD pause or end) to its first synthesized audio byte, in seconds.",
     buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10),
 )
-QUEUE_DEPTH = Gauge(
-    "parley_gateway_queue_depth", "Utterances waiting, over all streams, by queue.", ["queue"]
-)
+QUEUE_DEPTH = Gauge("parley_gateway_queue_depth", "Clauses waiting, over all streams, by queue.", ["queue"])
 UTTERANCE_ERRORS = Counter(
     "parley_gateway_utterance_errors",
     "Utterance error events sent, by stage and status code.",
@@ -80,6 +88,8 @@ UTTERANCE_ERRORS = Counter(
 )
 
 _DONE = object()
+_BOUNDARY = stt_pb2.SpeechBoundary
+_SttItem = tuple[stt_pb2.StreamingRecognizeRequest, "Utterance | None", int]
 
 
 class AudioBuffer:
@@ -117,23 +127,39 @@ class AudioBuffer:
 
 
 @dataclass
+class Clause:
+    """One committed clause of an utterance on its way through translation and speech."""
+
+    utterance: Utterance
+    index: int
+    text: str
+    start_ms: int
+    end_ms: int
+    closed_at_s: float  # when the gateway learnt its speech ended (boundary or commit)
+    committed_at_s: float
+    translation: str = ""
+    timings: gateway_pb2.ClauseTimings = field(default_factory=gateway_pb2.ClauseTimings)
+
+
+@dataclass
 class Utterance:
     """One utterance's state while it moves through the pipeline."""
 
     index: int
     start_ms: int
     end_ms: int = 0
-    audio: np.ndarray | None = None
-    ended_at_s: float | None = None
-    text: str = ""
     language: str = ""
-    translation: str | None = None
+    text: str = ""
     final_sent: bool = False
+    stt_done: bool = False  # its final transcript or its STT error is queued
+    boundaries: list[tuple[int, float]] = field(default_factory=list)  # (PAUSE/END at_ms, received at s)
+    open_words: list[stt_pb2.Word] = field(default_factory=list)  # committed, clause not closed yet
+    clause_start_ms: int = 0
+    clauses: list[Clause] = field(default_factory=list)
+    sentences: int = 0  # audio sentence chunks sent
     events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     timings: gateway_pb2.UtteranceTimings = field(default_factory=gateway_pb2.UtteranceTimings)
     span: Any = None
-    interim: asyncio.Task[None] | None = None
-    last_interim: str = ""
     done: bool = False  # its last event is queued: nothing more is sent for it
 
 
@@ -161,17 +187,8 @@ def plan_mode(request: gateway_pb2.TranslateSpeechConfig, direct_to_english: boo
     return gateway_pb2.CASCADE
 
 
-def _word_stability(previous: str, current: str) -> float:
-    """Share of the current interim's words already present, in place, in the previous one, in [0, 1]."""
-    old, new = previous.split(), current.split()
-    if not new:
-        return 0.0
-    same = 0
-    for a, b in zip(old, new, strict=False):
-        if a != b:
-            break
-        same += 1
-    return same / len(new)
+def _since_ms(now_s: float, then_s: float) -> float:
+    return max(0.0, (now_s - then_s) * 1000)
 
 
 class StreamSession:
@@ -197,20 +214,24 @@ class StreamSession:
         self.deadline = deadline
         self.clock = downstream.clock
         fmt = request.input_format
-        self.pcm = PcmStream(fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=RATE_HZ)
+        self.pcm = PcmStream(fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=SAMPLE_RATE_HZ)
         self.mode = plan_mode(request, settings.direct_to_english)
         self.target = request.target_language
-        self.buffer = AudioBuffer(int(settings.max_buffer_s * RATE_HZ))
-        pending = max(1, settings.max_pending_utterances)
-        self._slots = asyncio.Semaphore(pending)
+        self.buffer = AudioBuffer(int(settings.max_buffer_s * SAMPLE_RATE_HZ))
+        self._slots = asyncio.Semaphore(max(1, settings.max_pending_utterances))
         self._vad_in: asyncio.Queue[np.ndarray | None] = asyncio.Queue(maxsize=64)
-        self._stt_q: asyncio.Queue[Utterance | None] = asyncio.Queue(maxsize=pending)
-        self._mt_q: asyncio.Queue[Utterance | None] = asyncio.Queue(maxsize=pending)
+        # (message, utterance a START belongs to, stream ms: an audio chunk's start or a boundary's time)
+        self._stt_in: asyncio.Queue[_SttItem | None] = asyncio.Queue(maxsize=STT_QUEUE_MESSAGES)
+        self._clauses: asyncio.Queue[Clause | Utterance | None] = asyncio.Queue()
+        self._speech: asyncio.Queue[Clause | Utterance | None] = asyncio.Queue()
         self._order: asyncio.Queue[Utterance | None] = asyncio.Queue()
         self._failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._utterances = 0
         self._current: Utterance | None = None
         self._vad_pos = 0  # absolute samples the consumed VAD responses account for
+        self._stt_sent = 0  # absolute samples forwarded to STT
+        self._stt_retry: _SttItem | None = None
+        self._held_clauses: dict[int, int] = {}  # DIRECT: id(clause) -> first sample still needed
         self._open: dict[int, Utterance] = {}  # started, last event not yet queued
         self._tasks: list[asyncio.Task[None]] = []
         self._ended = asyncio.Event()  # EndOfStream is queued
@@ -229,10 +250,14 @@ class StreamSession:
         Raises:
             InvalidArgument: A protocol error in the requests (a second config, an empty message).
         """
-        tasks = self._tasks = [
-            asyncio.create_task(self._guarded(coro))
-            for coro in (self._read(requests), self._endpoint(), self._stt_worker(), self._mt_worker())
-        ]
+        workers = (
+            self._read(requests),
+            self._endpoint(),
+            self._recognize(),
+            self._translate_worker(),
+            self._speech_worker(),
+        )
+        tasks = self._tasks = [asyncio.create_task(self._guarded(coro)) for coro in workers]
         try:
             while (utterance := await self._next(self._order)) is not None:
                 while (event := await self._next(utterance.events)) is not _DONE:
@@ -249,8 +274,6 @@ class StreamSession:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if self._current is not None and self._current.interim is not None:
-                self._current.interim.cancel()
 
     async def drain(self, budget_s: float) -> None:
         """Ends the stream cleanly within ``budget_s`` seconds: the gateway is shutting down.
@@ -291,6 +314,8 @@ class StreamSession:
             utterance.done = True
             utterance.events.put_nowait(_DONE)
             self._open.pop(utterance.index, None)
+            if utterance.span is not None:
+                utterance.span.end()
 
     async def _guarded(self, coro: Any) -> None:
         try:
@@ -321,7 +346,8 @@ class StreamSession:
         )
 
     def _emit(self, utterance: Utterance, **event: Any) -> None:
-        utterance.events.put_nowait(self._response(utterance.index, **event))
+        if not utterance.done:
+            utterance.events.put_nowait(self._response(utterance.index, **event))
 
     def _error(self, utterance: Utterance, stage: str, exc: BaseException) -> None:
         """Sends the utterance's error event; fails the whole stream when the caller's deadline is spent.
@@ -348,7 +374,7 @@ class StreamSession:
             utterance, error=gateway_pb2.UtteranceError(stage=stage, code=code.value[0], message=message)
         )
 
-    # -- audio intake and endpointing -----------------------------------------------------------------
+    # -- audio intake ---------------------------------------------------------------------------------
 
     async def _read(self, requests: AsyncIterator[gateway_pb2.TranslateSpeechRequest]) -> None:
         async for request in requests:
@@ -375,67 +401,32 @@ class StreamSession:
             await self._vad_in.put(chunk)
 
     def _hold_from(self) -> int:
-        """Absolute index of the first sample an utterance may still be cut from.
+        """Absolute index of the first sample still needed.
 
-        The open utterance's start, else the consumed VAD position less :data:`VAD_LOOKBACK_SAMPLES`; never
-        earlier than the longest utterance (``max_utterance_s``) before that position, since
-        :meth:`_end_utterance` keeps only an utterance's last ``max_utterance_s``. So intake can always run
-        ``max_buffer_s - max_utterance_s - 2 s`` ahead of the VAD, and the VAD can always end an utterance.
+        The earliest of: audio not yet forwarded to STT, the VAD's consumed position less
+        :data:`VAD_LOOKBACK_SAMPLES` (an utterance may still start there), and in DIRECT mode the audio of
+        clauses still to translate. So intake can always run ``max_buffer_s - 2 s`` ahead of the VAD.
         """
-        hold = self._vad_pos - VAD_LOOKBACK_SAMPLES
-        if self._current is not None:
-            hold = min(hold, self._current.start_ms * SAMPLES_PER_MS)
-        return max(
-            0, hold, self._vad_pos - int(self.settings.max_utterance_s * RATE_HZ) - VAD_LOOKBACK_SAMPLES
-        )
+        hold = min(self._stt_sent, self._vad_pos - VAD_LOOKBACK_SAMPLES, *self._held_clauses.values())
+        return max(0, hold)
 
-    def _vad_reached(self, samples: int) -> None:
-        """Records that VAD results up to absolute sample ``samples`` are consumed; wakes a waiting intake."""
-        if samples > self._vad_pos:
-            self._vad_pos = samples
-            self._room.set()
-
-    async def _start_utterance(self, start_ms: int) -> Utterance:
-        await self._slots.acquire()
-        utterance = Utterance(index=self._utterances, start_ms=start_ms)
-        self._utterances += 1
-        self._open[utterance.index] = utterance
-        self._order.put_nowait(utterance)
-        self._emit(utterance, speech_started=gateway_pb2.SpeechStarted(start_ms=start_ms))
-        if self.request.interim_results:
-            utterance.interim = asyncio.create_task(self._guarded(self._interim(utterance)))
-        return utterance
-
-    async def _end_utterance(self, utterance: Utterance, start_ms: int, end_ms: int) -> None:
-        if utterance.interim is not None:
-            utterance.interim.cancel()
-        max_samples = int(self.settings.max_utterance_s * RATE_HZ)
-        start, stop = start_ms * SAMPLES_PER_MS, end_ms * SAMPLES_PER_MS
-        utterance.audio = self.buffer.slice(max(start, stop - max_samples), stop)
-        utterance.start_ms, utterance.end_ms = start_ms, end_ms
-        utterance.ended_at_s = self.clock.monotonic()
+    def _release(self) -> None:
+        """Wakes a waiting intake: the hold point may have moved."""
         self._room.set()
-        utterance.span = self._tracer.start_span(
-            "gateway.utterance",
-            context=self._context,
-            attributes={
-                "utterance.index": utterance.index,
-                "audio.duration_s": len(utterance.audio) / RATE_HZ,
-                "audio.start_s": start_ms / 1000,
-            },
-        )
-        QUEUE_DEPTH.labels("stt").inc()
-        await self._stt_q.put(utterance)
+
+    # -- endpointing (VAD) and forwarding to STT -------------------------------------------------------
 
     async def _vad_requests(self, state: dict[str, Any]) -> AsyncIterator[vad_pb2.StreamDetectRequest]:
         params = vad_pb2.VadParameters()
         if self.settings.vad_min_silence_ms is not None:
             params.min_silence_ms = self.settings.vad_min_silence_ms
+        if self.settings.live_commit_policy is CommitPolicy.LOCAL_AGREEMENT:
+            params.pause_ms = self.settings.clause_pause_ms
         yield vad_pb2.StreamDetectRequest(
             config=vad_pb2.StreamDetectConfig(
                 request_id=self.request.request_id,
                 format=audio_pb2.AudioFormat(
-                    encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1
+                    encoding=audio_pb2.PCM_S16LE, sample_rate_hz=SAMPLE_RATE_HZ, channels=1
                 ),
                 parameters=params,
             )
@@ -469,7 +460,6 @@ class StreamSession:
                         guard.record(None, timeout_s, started_s)
                         self._vad_down = False
                     await self._on_vad(response, offset_ms)
-                    self._vad_reached((offset_ms + response.audio_processed_ms) * SAMPLES_PER_MS)
                 if not healthy:
                     guard.record(None, timeout_s, started_s)
                 self._vad_down = False
@@ -482,10 +472,10 @@ class StreamSession:
                 if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidArgument(f"VAD rejected the audio: {exc.details()}") from exc
                 await self._vad_failed(exc, state)
+        await self._forward_audio(state["sent"])
         if self._current is not None:
-            utterance, self._current = self._current, None
-            await self._end_utterance(utterance, utterance.start_ms, state["sent"] // SAMPLES_PER_MS)
-        await self._stt_q.put(None)
+            await self._end_utterance(self._current, state["sent"] // SAMPLES_PER_MS)
+        await self._stt_in.put(None)
 
     async def _vad_failed(self, exc: BaseException, state: dict[str, Any]) -> None:
         """Handles a VAD failure: reports it once per outage and closes the utterance in progress.
@@ -494,11 +484,14 @@ class StreamSession:
         """
         if not self._vad_down:
             self._vad_down = True
-            utterance = self._current or await self._start_utterance(state["sent"] // SAMPLES_PER_MS)
+            at_ms = state["sent"] // SAMPLES_PER_MS
+            utterance = self._current or await self._start_utterance(at_ms, recognize=False)
             self._error(utterance, "vad", exc)
-            self._current = None
-            await self._end_utterance(utterance, utterance.start_ms, state["sent"] // SAMPLES_PER_MS)
-        # Audio that arrives while the VAD is down stays in the buffer but is not endpointed.
+            if utterance is self._current:
+                await self._end_utterance(utterance, at_ms)
+            else:
+                self._stt_finished(utterance)
+        # Audio that arrives while the VAD is down is not endpointed, nor recognized.
         breaker = self.down.guards["vad"].breaker
         while True:
             samples = await self._vad_in.get()
@@ -506,123 +499,279 @@ class StreamSession:
                 state["eof"] = True
                 return
             state["sent"] += len(samples)
+            self._stt_sent = state["sent"]
             self._vad_reached(state["sent"])
             if breaker.state is not BreakerState.OPEN:
                 return
 
     async def _on_vad(self, response: vad_pb2.StreamDetectResponse, offset_ms: int) -> None:
+        """Forwards the audio the VAD has seen to STT, then the VAD's event as a boundary."""
+        await self._forward_audio((offset_ms + response.audio_processed_ms) * SAMPLES_PER_MS)
         kind = response.WhichOneof("event")
         if kind == "speech_started":
             if self._current is None:
                 self._current = await self._start_utterance(offset_ms + response.speech_started.start_ms)
+        elif kind == "speech_paused" and self._current is not None:
+            at_ms = offset_ms + response.speech_paused.end_ms
+            self._current.boundaries.append((at_ms, self.clock.monotonic()))
+            await self._to_stt(_BOUNDARY.PAUSE, at_ms)
         elif kind == "speech_ended":
             segment = response.speech_ended.segment
             utterance = self._current or await self._start_utterance(offset_ms + segment.start_ms)
-            self._current = None
-            await self._end_utterance(utterance, offset_ms + segment.start_ms, offset_ms + segment.end_ms)
+            await self._end_utterance(utterance, offset_ms + segment.end_ms)
+        self._vad_reached((offset_ms + response.audio_processed_ms) * SAMPLES_PER_MS)
 
-    # -- interim transcripts --------------------------------------------------------------------------
+    def _vad_reached(self, samples: int) -> None:
+        """Records that VAD results up to absolute sample ``samples`` are consumed; wakes a waiting intake."""
+        if samples > self._vad_pos:
+            self._vad_pos = samples
+            self._release()
 
-    async def _interim(self, utterance: Utterance) -> None:
-        """Sends interim transcripts of the utterance in progress.
-
-        Every ``interim_interval_s``, a greedy decode of the audio so far, only while this stream has no
-        utterance waiting for STT, so it never delays a final transcript.
-        """
-        interval_s = max(0.2, self.settings.interim_interval_s)
-        while True:
-            await asyncio.sleep(interval_s)
-            if not self._stt_q.empty() or self.down.guards["stt"].breaker.state is not BreakerState.CLOSED:
-                continue
-            audio = self.buffer.slice(utterance.start_ms * SAMPLES_PER_MS, self.buffer.end)
-            if len(audio) < RATE_HZ // 2:
-                continue
-            request = self._stt_request(audio, stt_pb2.TRANSCRIBE, beam_size=1)
-            try:
-                response = await self.down.transcribe(request, self.deadline)
-            except Exception:  # noqa: BLE001 - an interim is best effort; the final transcript reports errors
-                logger.debug("utterance %d: interim transcript failed", utterance.index, exc_info=True)
-                continue
-            text = response.text.strip()
-            if text and not utterance.final_sent:
-                stability = _word_stability(utterance.last_interim, text)
-                utterance.last_interim = text
-                self._emit(
-                    utterance,
-                    transcript=gateway_pb2.Transcript(
-                        text=text,
-                        is_final=False,
-                        stability=stability,
-                        start_ms=utterance.start_ms,
-                        end_ms=self.buffer.end // SAMPLES_PER_MS,
-                        language=response.language,
-                    ),
-                )
-
-    # -- speech-to-text -------------------------------------------------------------------------------
-
-    def _stt_request(
-        self, audio: np.ndarray, task: stt_pb2.Task, beam_size: int = 0
-    ) -> stt_pb2.TranscribeRequest:
-        return stt_pb2.TranscribeRequest(
-            request_id=self.request.request_id,
-            audio=float_to_pcm16(audio),
-            format=audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1),
-            config=stt_pb2.RecognitionConfig(
-                language=self.request.source_language, task=task, beam_size=beam_size
-            ),
-        )
-
-    async def _stt_worker(self) -> None:
-        while (utterance := await self._stt_q.get()) is not None:
-            QUEUE_DEPTH.labels("stt").dec()
-            if utterance.audio is not None and len(utterance.audio):
-                await self._transcribe(utterance)
-            elif utterance.end_ms > utterance.start_ms:  # (an empty span is a VAD outage's, reported)
-                self._report(
-                    utterance,
-                    "gateway",
-                    grpc.StatusCode.DATA_LOSS,
-                    f"audio {utterance.start_ms}-{utterance.end_ms} ms was no longer buffered",
-                )
-            QUEUE_DEPTH.labels("translate").inc()
-            await self._mt_q.put(utterance)
-        await self._mt_q.put(None)
-
-    async def _stage_call(self, utterance: Utterance, stage: str, coro: Any, **attributes: Any) -> Any:
-        """Awaits one stage call inside a span; records its latency."""
-        parent = trace.set_span_in_context(utterance.span) if utterance.span is not None else self._context
-        started_s = self.clock.monotonic()
-        with self._tracer.start_as_current_span(f"gateway.{stage}", context=parent, attributes=attributes):
-            try:
-                return await coro
-            finally:
-                STAGE_LATENCY.labels(stage).observe(self.clock.monotonic() - started_s)
-
-    async def _transcribe(self, utterance: Utterance) -> None:
-        assert utterance.audio is not None
-        direct = self.mode == gateway_pb2.DIRECT
-        calls = [self.down.transcribe(self._stt_request(utterance.audio, stt_pb2.TRANSCRIBE), self.deadline)]
-        if direct:
-            calls.append(
-                self.down.transcribe(self._stt_request(utterance.audio, stt_pb2.TRANSLATE), self.deadline)
-            )
-        started_s = self.clock.monotonic()
-        results = await self._stage_call(
-            utterance,
-            "stt",
-            asyncio.gather(*calls, return_exceptions=True),
-            **{"audio.duration_s": len(utterance.audio) / RATE_HZ, "stt.direct": direct},
-        )
-        utterance.timings.stt_ms = (self.clock.monotonic() - started_s) * 1000
-        transcript = results[0]
-        if isinstance(transcript, BaseException):
-            self._error(utterance, "stt", transcript)
+    async def _forward_audio(self, until: int) -> None:
+        """Sends the buffered audio up to absolute sample ``until`` to STT (what was not sent yet)."""
+        if until <= self._stt_sent:
             return
-        utterance.text = transcript.text.strip()
-        utterance.language = transcript.language or primary_language(self.request.source_language)
+        start = max(self._stt_sent, self.buffer.end - self.buffer.capacity)
+        audio = self.buffer.slice(start, until)
+        self._stt_sent = until
+        self._release()
+        if len(audio):
+            message = stt_pb2.StreamingRecognizeRequest(audio_content=float_to_pcm16(audio))
+            await self._stt_in.put((message, None, start // SAMPLES_PER_MS))
+
+    async def _to_stt(
+        self, kind: stt_pb2.SpeechBoundary.Kind, at_ms: int, utterance: Utterance | None = None
+    ) -> None:
+        """Queues a boundary at stream time ``at_ms`` (the STT call's own time is applied when it is sent)."""
+        boundary = stt_pb2.SpeechBoundary(kind=kind)
+        await self._stt_in.put((stt_pb2.StreamingRecognizeRequest(boundary=boundary), utterance, at_ms))
+
+    async def _start_utterance(self, start_ms: int, recognize: bool = True) -> Utterance:
+        """Announces an utterance (speech_started) and, with ``recognize``, starts it on the STT stream."""
+        await self._slots.acquire()
+        utterance = Utterance(index=self._utterances, start_ms=start_ms, clause_start_ms=start_ms)
+        self._utterances += 1
+        self._open[utterance.index] = utterance
+        self._order.put_nowait(utterance)
+        utterance.span = self._tracer.start_span(
+            "gateway.utterance",
+            context=self._context,
+            attributes={"utterance.index": utterance.index, "audio.start_s": start_ms / 1000},
+        )
+        self._emit(utterance, speech_started=gateway_pb2.SpeechStarted(start_ms=start_ms))
+        if recognize:
+            self._current = utterance
+            await self._to_stt(_BOUNDARY.START, start_ms, utterance)
+        return utterance
+
+    async def _end_utterance(self, utterance: Utterance, end_ms: int) -> None:
+        self._current = None
+        utterance.end_ms = max(end_ms, utterance.start_ms)
+        utterance.boundaries.append((utterance.end_ms, self.clock.monotonic()))
+        await self._to_stt(_BOUNDARY.END, utterance.end_ms)
+
+    # -- recognition (STT StreamingRecognize) ----------------------------------------------------------
+
+    async def _stt_requests(
+        self, started: list[Utterance], state: dict[str, Any]
+    ) -> AsyncIterator[stt_pb2.StreamingRecognizeRequest]:
+        """One STT call's requests: its config, then what endpointing queued, until the input ends."""
+        policy = {
+            CommitPolicy.LOCAL_AGREEMENT: stt_pb2.LOCAL_AGREEMENT,
+            CommitPolicy.UTTERANCE: stt_pb2.UTTERANCE,
+        }[self.settings.live_commit_policy]
+        yield stt_pb2.StreamingRecognizeRequest(
+            streaming_config=stt_pb2.StreamingRecognitionConfig(
+                request_id=self.request.request_id,
+                format=audio_pb2.AudioFormat(
+                    encoding=audio_pb2.PCM_S16LE, sample_rate_hz=SAMPLE_RATE_HZ, channels=1
+                ),
+                config=stt_pb2.RecognitionConfig(
+                    language=self.request.source_language, task=stt_pb2.TRANSCRIBE
+                ),
+                interim_results=self.request.interim_results,
+                commit_policy=policy,
+                caller_endpointing=True,
+            )
+        )
+        state["offset_ms"] = None  # stream time of the call's first audio sample, once sent
+        while True:
+            item, self._stt_retry = self._stt_retry or await self._stt_in.get(), None
+            if item is None:
+                break
+            message, utterance, at_ms = item
+            if message.HasField("boundary"):
+                if message.boundary.kind == _BOUNDARY.START:
+                    if utterance is None or utterance.stt_done:
+                        continue
+                    started.append(utterance)
+                message.boundary.at_ms = max(0, at_ms - (state["offset_ms"] or at_ms))
+            elif state["offset_ms"] is None:
+                state["offset_ms"] = at_ms
+            yield message
+        state["eof"] = True
+
+    async def _recognize(self) -> None:
+        """Runs STT StreamingRecognize; on a failure, fails the utterances it held and opens a new call."""
+        guard = self.down.guards["stt"]
+        state: dict[str, Any] = {"eof": False}
+        while not state["eof"]:
+            started: list[Utterance] = []
+            try:
+                timeout_s = self.deadline.timeout_for(None, guard.margin_s)
+                guard.breaker.acquire()
+            except BreakerOpen as exc:
+                await self._stt_failed(exc, state)
+                continue
+            started_s = self.clock.monotonic()
+            call = self.down.stt.StreamingRecognize(self._stt_requests(started, state), timeout=timeout_s)
+            try:
+                healthy = False
+                async for response in call:
+                    if not healthy:
+                        healthy = True
+                        guard.record(None, timeout_s, started_s)
+                    for result in response.results:
+                        self._on_stt(result, started, state["offset_ms"] or 0)
+                if not healthy:
+                    guard.record(None, timeout_s, started_s)
+                self._lost(started, grpc.StatusCode.INTERNAL, "the STT stream ended without a final result")
+            except asyncio.CancelledError:
+                guard.breaker.release()
+                call.cancel()
+                raise
+            except grpc.aio.AioRpcError as exc:
+                guard.record(exc, timeout_s, started_s)
+                if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidArgument(f"STT rejected the stream: {exc.details()}") from exc
+                for utterance in started:
+                    if not utterance.stt_done:
+                        self._error(utterance, "stt", exc)
+                        self._stt_finished(utterance)
+                if not state["eof"]:
+                    await self._stt_failed(exc, state)
+        await self._clauses.put(None)
+
+    def _lost(self, utterances: list[Utterance], code: grpc.StatusCode, message: str) -> None:
+        for utterance in utterances:
+            if not utterance.stt_done:
+                self._report(utterance, "stt", code, message)
+                self._stt_finished(utterance)
+
+    async def _stt_failed(self, exc: BaseException, state: dict[str, Any]) -> None:
+        """While STT cannot be called: each utterance that starts gets an STT error; audio is dropped.
+
+        Returns when the breaker lets a new STT call be tried (at the next utterance start), or at the end.
+        """
+        breaker = self.down.guards["stt"].breaker
+        while True:
+            item = await self._stt_in.get()
+            if item is None:
+                state["eof"] = True
+                return
+            utterance = item[1]
+            if utterance is None or utterance.stt_done:
+                continue
+            if breaker.state is not BreakerState.OPEN:
+                self._stt_retry = item  # the START goes first to the new call
+                return
+            self._error(utterance, "stt", exc)
+            self._stt_finished(utterance)
+
+    def _stt_finished(self, utterance: Utterance) -> None:
+        """No more recognition results come for the utterance: its clauses are all queued."""
+        utterance.stt_done = True
+        self._clauses.put_nowait(utterance)
+
+    def _on_stt(
+        self, result: stt_pb2.StreamingRecognitionResult, started: list[Utterance], offset_ms: int
+    ) -> None:
+        """Handles one STT result of the call that ``started`` the utterances; its times are call times."""
+        if result.utterance_index >= len(started):
+            return
+        utterance = started[result.utterance_index]
+        if utterance.stt_done:
+            return
+        utterance.language = result.language or utterance.language
+        if result.HasField("committed"):
+            self._on_commit(utterance, result, offset_ms)
+        if result.is_final:
+            self._on_final(utterance, result)
+        elif self.request.interim_results and result.transcript:
+            self._emit(
+                utterance,
+                transcript=gateway_pb2.Transcript(
+                    text=result.transcript,
+                    is_final=False,
+                    stability=result.stability,
+                    start_ms=utterance.start_ms,
+                    end_ms=offset_ms + result.end_ms,
+                    language=result.language,
+                ),
+            )
+
+    def _on_commit(
+        self, utterance: Utterance, result: stt_pb2.StreamingRecognitionResult, offset_ms: int
+    ) -> None:
+        """Sends the commit; a commit that closes a clause queues the clause for translation."""
+        committed = result.committed
+        words = [
+            gateway_pb2.Word(
+                word=w.word,
+                start_ms=offset_ms + w.start_ms,
+                end_ms=offset_ms + w.end_ms,
+                probability=w.probability,
+            )
+            for w in committed.words
+        ]
+        clause_index = len(utterance.clauses)
+        if words:
+            self._emit(
+                utterance,
+                commit=gateway_pb2.TranscriptCommit(
+                    text=committed.text,
+                    start_ms=words[0].start_ms,
+                    end_ms=words[-1].end_ms,
+                    words=words,
+                    clause_index=clause_index,
+                    closes_clause=result.closes_clause,
+                ),
+            )
+            utterance.open_words += words
+        if not result.closes_clause or not utterance.open_words:
+            return
+        now_s = self.clock.monotonic()
+        last_word_ms = utterance.open_words[-1].end_ms
+        closed_at_s = next((t for at_ms, t in utterance.boundaries if at_ms >= last_word_ms), now_s)
+        end_ms = next((at_ms for at_ms, _ in utterance.boundaries if at_ms >= last_word_ms), last_word_ms)
+        clause = Clause(
+            utterance=utterance,
+            index=clause_index,
+            text="".join(w.word for w in utterance.open_words).strip(),
+            start_ms=utterance.clause_start_ms,
+            end_ms=end_ms,
+            closed_at_s=min(closed_at_s, now_s),
+            committed_at_s=now_s,
+        )
+        clause.timings.clause_index = clause_index
+        clause.timings.end_ms = end_ms
+        clause.timings.end_of_speech_to_commit_ms = _since_ms(now_s, clause.closed_at_s)
+        utterance.clauses.append(clause)
+        utterance.open_words = []
+        utterance.clause_start_ms = end_ms
+        if self.mode == gateway_pb2.DIRECT and self.target:
+            self._held_clauses[id(clause)] = clause.start_ms * SAMPLES_PER_MS
+        QUEUE_DEPTH.labels("translate").inc()
+        self._clauses.put_nowait(clause)
+
+    def _on_final(self, utterance: Utterance, result: stt_pb2.StreamingRecognitionResult) -> None:
+        utterance.text = result.transcript.strip()
+        utterance.language = result.language or primary_language(self.request.source_language)
         utterance.final_sent = True
-        utterance.timings.end_of_speech_to_transcript_ms = self._since_end_ms(utterance)
+        if utterance.clauses:
+            last = utterance.clauses[-1]
+            utterance.timings.end_of_speech_to_transcript_ms = last.timings.end_of_speech_to_commit_ms
+            utterance.timings.stt_ms = last.timings.end_of_speech_to_commit_ms
         self._emit(
             utterance,
             transcript=gateway_pb2.Transcript(
@@ -634,105 +783,171 @@ class StreamSession:
                 language=utterance.language,
             ),
         )
-        if direct:
-            translated = results[1]
-            if isinstance(translated, BaseException):
-                self._error(utterance, "stt", translated)
-                return
-            utterance.translation = translated.text.strip()
-            utterance.timings.translation_ms = 0.0
-            self._emit_translation(utterance)
+        self._stt_finished(utterance)
 
-    def _since_end_ms(self, utterance: Utterance) -> float:
-        assert utterance.ended_at_s is not None
-        return (self.clock.monotonic() - utterance.ended_at_s) * 1000
+    # -- translation, clause by clause -----------------------------------------------------------------
 
-    def _emit_translation(self, utterance: Utterance) -> None:
-        utterance.timings.end_of_speech_to_translation_ms = self._since_end_ms(utterance)
+    async def _stage_call(self, utterance: Utterance, stage: str, coro: Any, **attributes: Any) -> Any:
+        """Awaits one stage call inside a span; records its latency."""
+        parent = trace.set_span_in_context(utterance.span) if utterance.span is not None else self._context
+        started_s = self.clock.monotonic()
+        with self._tracer.start_as_current_span(f"gateway.{stage}", context=parent, attributes=attributes):
+            try:
+                return await coro
+            finally:
+                STAGE_LATENCY.labels(stage).observe(self.clock.monotonic() - started_s)
+
+    async def _translate_worker(self) -> None:
+        """Translates clauses in order; passes them (and each utterance's end marker) to the speech worker."""
+        while (item := await self._clauses.get()) is not None:
+            if isinstance(item, Clause):
+                QUEUE_DEPTH.labels("translate").dec()
+                try:
+                    ok = await self._translate(item)
+                finally:
+                    self._held_clauses.pop(id(item), None)
+                    self._release()
+                if not ok:
+                    continue
+            await self._speech.put(item)
+        await self._speech.put(None)
+
+    async def _translate(self, clause: Clause) -> bool:
+        """Translates one clause and sends the translation; returns whether it goes on to speech."""
+        utterance = clause.utterance
+        if not self.target:
+            return False
+        started_s = self.clock.monotonic()
+        if self.mode == gateway_pb2.DIRECT:
+            stage, call = "stt", self._direct_translation(clause)
+        elif primary_language(utterance.language) == primary_language(self.target):
+            stage, call = "", None
+        else:
+            stage, call = "translate", self._cascade_translation(clause)
+        try:
+            if call is None:
+                clause.translation = clause.text
+            else:
+                clause.translation = await self._stage_call(
+                    utterance, stage, call, **{"text.chars": len(clause.text)}
+                )
+        except Exception as exc:  # noqa: BLE001 - reported as the utterance's error event
+            self._error(utterance, stage, exc)
+            return False
+        now_s = self.clock.monotonic()
+        clause.timings.translation_ms = _since_ms(now_s, started_s)
+        clause.timings.end_of_speech_to_translation_ms = _since_ms(now_s, clause.closed_at_s)
+        utterance.timings.translation_ms += clause.timings.translation_ms
+        utterance.timings.end_of_speech_to_translation_ms = clause.timings.end_of_speech_to_translation_ms
         self._emit(
             utterance,
             translation=gateway_pb2.Translation(
-                text=utterance.translation or "",
+                text=clause.translation,
                 source_language=utterance.language,
                 target_language=self.target,
+                clause_index=clause.index,
             ),
         )
+        return bool(clause.translation) and self.request.synthesize_speech
 
-    # -- translation and speech -----------------------------------------------------------------------
+    async def _cascade_translation(self, clause: Clause) -> str:
+        request = translate_pb2.TranslateRequest(
+            request_id=self.request.request_id,
+            texts=[clause.text],
+            source_language=clause.utterance.language,
+            target_language=self.target,
+        )
+        response = await self.down.translate(request, self.deadline)
+        return response.translations[0].strip() if response.translations else ""
 
-    async def _mt_worker(self) -> None:
-        while (utterance := await self._mt_q.get()) is not None:
-            QUEUE_DEPTH.labels("translate").dec()
-            try:
-                await self._translate_and_speak(utterance)
-            finally:
-                if utterance.ended_at_s is not None and utterance.final_sent:
-                    self._emit(utterance, timings=utterance.timings)
-                if utterance.span is not None:
-                    utterance.span.end()
-                self._close(utterance)
+    async def _direct_translation(self, clause: Clause) -> str:
+        """Whisper's translate task on the clause's audio (DIRECT mode), after its transcript was committed.
+
+        One decode at a time per clause, after the transcribe decode that committed it: on CPU, running
+        both tasks on the same audio at once made the transcript wait for both (issue 12's measurement).
+
+        Raises:
+            ParleyError: DATA_LOSS when the clause's audio is no longer buffered (a defect).
+        """
+        start, stop = clause.start_ms * SAMPLES_PER_MS, clause.end_ms * SAMPLES_PER_MS
+        audio = self.buffer.slice(start, stop)
+        if len(audio) < stop - start:
+            raise DataLoss(f"audio {clause.start_ms}-{clause.end_ms} ms was no longer buffered")
+        request = stt_pb2.TranscribeRequest(
+            request_id=self.request.request_id,
+            audio=float_to_pcm16(audio),
+            format=audio_pb2.AudioFormat(
+                encoding=audio_pb2.PCM_S16LE, sample_rate_hz=SAMPLE_RATE_HZ, channels=1
+            ),
+            config=stt_pb2.RecognitionConfig(
+                language=clause.utterance.language or self.request.source_language,
+                task=stt_pb2.TRANSLATE,
+                initial_prompt=" ".join(c.translation for c in clause.utterance.clauses[: clause.index]),
+            ),
+        )
+        response = await self.down.transcribe(request, self.deadline)
+        return response.text.strip()
+
+    # -- speech, clause by clause ----------------------------------------------------------------------
+
+    async def _speech_worker(self) -> None:
+        """Speaks clauses in order; at each utterance's end marker, sends its timings and closes it."""
+        while (item := await self._speech.get()) is not None:
+            if isinstance(item, Clause):
+                await self._speak(item)
+                continue
+            utterance = item
+            if utterance.sentences:
+                last = gateway_pb2.SynthesizedAudio(
+                    is_last=True, sentence_index=utterance.sentences, clause_index=len(utterance.clauses) - 1
+                )
+                self._emit(utterance, audio=last)
+            if utterance.final_sent:
+                utterance.timings.clauses = len([c for c in utterance.clauses if c.translation])
+                self._emit(utterance, timings=utterance.timings)
+            self._close(utterance)
         await self._order.put(None)
 
-    async def _translate_and_speak(self, utterance: Utterance) -> None:
-        if not utterance.text or not self.target:
-            return
-        if utterance.translation is None:
-            if primary_language(utterance.language) == primary_language(self.target):
-                utterance.translation = utterance.text
-            else:
-                started_s = self.clock.monotonic()
-                request = translate_pb2.TranslateRequest(
-                    request_id=self.request.request_id,
-                    texts=[utterance.text],
-                    source_language=utterance.language,
-                    target_language=self.target,
-                )
-                try:
-                    response = await self._stage_call(
-                        utterance,
-                        "translate",
-                        self.down.translate(request, self.deadline),
-                        **{"text.chars": len(utterance.text)},
-                    )
-                except Exception as exc:  # noqa: BLE001 - reported as the utterance's error event
-                    self._error(utterance, "translate", exc)
-                    return
-                finally:
-                    utterance.timings.translation_ms = (self.clock.monotonic() - started_s) * 1000
-                utterance.translation = response.translations[0].strip() if response.translations else ""
-            self._emit_translation(utterance)
-        if self.request.synthesize_speech and utterance.translation:
-            await self._speak(utterance, utterance.translation)
-
-    async def _speak(self, utterance: Utterance, text: str) -> None:
+    async def _speak(self, clause: Clause) -> None:
+        utterance = clause.utterance
         request = tts_pb2.SynthesizeRequest(
             request_id=self.request.request_id,
-            text=text,
+            text=clause.translation,
             language=self.target,
             voice=self.request.voice,
             sample_rate_hz=self.request.output_sample_rate_hz,
         )
         started_s = self.clock.monotonic()
+        first = True
 
         async def stream() -> None:
+            nonlocal first
             async for chunk in self.down.synthesize_stream(request, self.deadline):
-                if not utterance.timings.tts_first_audio_ms and chunk.audio:
-                    utterance.timings.tts_first_audio_ms = (self.clock.monotonic() - started_s) * 1000
-                    utterance.timings.end_of_speech_to_first_audio_ms = self._since_end_ms(utterance)
-                    END_TO_FIRST_AUDIO.observe(utterance.timings.end_of_speech_to_first_audio_ms / 1000)
+                if first and chunk.audio:
+                    first = False
+                    now_s = self.clock.monotonic()
+                    clause.timings.tts_first_audio_ms = _since_ms(now_s, started_s)
+                    clause.timings.end_of_speech_to_first_audio_ms = _since_ms(now_s, clause.closed_at_s)
+                    END_TO_FIRST_AUDIO.observe(clause.timings.end_of_speech_to_first_audio_ms / 1000)
+                if not chunk.audio:
+                    continue
                 self._emit(
                     utterance,
                     audio=gateway_pb2.SynthesizedAudio(
                         audio=chunk.audio,
                         format=chunk.format,
-                        sentence_index=chunk.sentence_index,
-                        is_last=chunk.is_last,
+                        sentence_index=utterance.sentences,
+                        clause_index=clause.index,
                     ),
                 )
+                utterance.sentences += 1
 
         try:
-            await self._stage_call(utterance, "tts", stream(), **{"text.chars": len(text)})
+            await self._stage_call(utterance, "tts", stream(), **{"text.chars": len(clause.text)})
         except Exception as exc:  # noqa: BLE001 - reported as the utterance's error event
             self._error(utterance, "tts", exc)
         finally:
-            utterance.timings.tts_ms = (self.clock.monotonic() - started_s) * 1000
+            utterance.timings.tts_ms += _since_ms(self.clock.monotonic(), started_s)
+        utterance.timings.tts_first_audio_ms = clause.timings.tts_first_audio_ms
+        utterance.timings.end_of_speech_to_first_audio_ms = clause.timings.end_of_speech_to_first_audio_ms
+        self._emit(utterance, clause_timings=clause.timings)
