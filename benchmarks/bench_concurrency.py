@@ -54,7 +54,7 @@ from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
 from services.common.resilience import Deadline
 from services.translate.config import Backend, TranslateConfig
-from services.translate.llm import EmbeddedLlamaBackend
+from services.translate.llama import EmbeddedLlamaBackend
 from tests.fixtures.tiny_ct2 import build_tiny_model
 from tests.helpers import (
     SHARED_DATA,

@@ -21,7 +21,8 @@ from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from services.common.errors import DeadlineExceeded
 from services.common.resilience import Deadline
 from services.translate.config import TranslateConfig
-from services.translate.llm import EmbeddedLlamaBackend, LlmPair
+from services.translate.llama import EmbeddedLlamaBackend
+from services.translate.prompts import LlmPair
 from tests.helpers import batch_counts, free_port, shared_data, start_server
 
 pytestmark = pytest.mark.timeout(300)

@@ -20,7 +20,8 @@ import pytest
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from services.common.errors import DeadlineExceeded, ParleyError, Unavailable
 from services.common.resilience import Deadline
-from services.translate.llm import HttpChatBackend, LlmPair
+from services.translate.http_chat import HttpChatBackend
+from services.translate.prompts import LlmPair
 from tests.helpers import start_server
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="session")]
