@@ -69,8 +69,12 @@ class TranslationBackend(Protocol):
     ) -> list[str]:
         """Translates non-empty sentences (blocking); returns one translation per sentence, in order.
 
-        ``contexts`` holds one context (or None) per sentence, or is None for none at all; a backend that
-        cannot use a context ignores it.
+        Args:
+            sentences: Non-empty sentences of one language pair.
+            pair: From :meth:`resolve`.
+            deadline: The caller's; past it the backend raises DeadlineExceeded.
+            contexts: Per sentence, the text before it and its translation (bounded), or None; None for no
+                context at all. The llm backends continue it; CTranslate2 ignores it.
         """
         ...
 

@@ -133,12 +133,8 @@ class HttpChatBackend:
     ) -> list[str]:
         """Sends every sentence as its own chat request, ``concurrency`` at a time.
 
-        Args:
-            sentences: Non-empty sentences.
-            pair: From :meth:`resolve`.
-            deadline: Caps each HTTP call's timeout.
-            contexts: Per sentence, the text before it and its translation (one more example turn), or
-                None; None for no context at all.
+        The caller's deadline caps each HTTP call's timeout; a sentence's context (arguments as
+        :class:`~services.translate.engine.TranslationBackend` documents) is one more example turn.
 
         Raises:
             Unavailable, DeadlineExceeded, ResourceExhausted, ParleyError: See the module docstring; the

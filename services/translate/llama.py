@@ -592,12 +592,8 @@ class EmbeddedLlamaBackend:
     ) -> list[str]:
         """Translates the sentences together on one checked-out instance (:func:`greedy_decode`).
 
-        Args:
-            sentences: Non-empty sentences.
-            pair: From :meth:`resolve`.
-            deadline: Checked before every decoding step.
-            contexts: Per sentence, the text before it and its translation (the prompt's last example), or
-                None; None for no context at all.
+        The deadline is checked before every decoding step; a sentence's context (arguments as
+        :class:`~services.translate.engine.TranslationBackend` documents) is its prompt's last example.
 
         Raises:
             DeadlineExceeded: The caller's deadline passed between two decoding steps.

@@ -149,6 +149,28 @@ async def test_translations_are_cleaned_and_in_order(stub):
     )
 
 
+async def test_a_requests_context_is_one_more_example_turn_of_every_sentence(stub):
+    FakeOpenAI.requests.clear()
+    request = translate_pb2.TranslateRequest(
+        texts=["Thank you. Good morning."],
+        source_language="en",
+        target_language="fr",
+        context=translate_pb2.TranslationContext(
+            source_text="It was\na long day,", translated_text="Ce fut une longue journée,"
+        ),
+    )
+    response = await stub.Translate(request, timeout=30)
+    assert list(response.translations) == ["Merci. Bonjour."]
+    assert len(FakeOpenAI.requests) == 2
+    for sent in FakeOpenAI.requests:
+        messages = sent["body"]["messages"]
+        assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 4 + ["user"]
+        assert messages[-3:-1] == [
+            {"role": "user", "content": "It was a long day,"},
+            {"role": "assistant", "content": "Ce fut une longue journée,"},
+        ]
+
+
 async def test_list_language_pairs_are_the_configured_languages(stub):
     response = await stub.ListLanguagePairs(translate_pb2.ListLanguagePairsRequest(), timeout=10)
     pairs = [(p.source_language, p.target_language) for p in response.pairs]
