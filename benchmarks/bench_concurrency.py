@@ -64,7 +64,7 @@ from services.harness import (
     start_server,
 )
 from services.translate.config import Backend, TranslateConfig
-from services.translate.llm import EmbeddedLlamaBackend
+from services.translate.llama import EmbeddedLlamaBackend
 from tests.fixtures.tiny_ct2 import build_tiny_model
 
 LEVEL_S = 6.0

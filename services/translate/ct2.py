@@ -13,7 +13,9 @@ Inputs are built as the models were trained (CTranslate2 ``docs/guides/transform
 * M2M100:  source ``[__src__] + pieces + ["</s>"]``, target prefix ``[__tgt__]``.
 * Marian:  source ``pieces + ["</s>"]``, no prefix.
 
-The language token the decoder starts with is removed from the output before detokenising.
+The language token the decoder starts with is removed from the output before detokenising. A request's
+translation context (:mod:`services.translate.context`) is ignored: these models translate each sentence
+on its own.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from services.common.devices import check_device
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.resilience import Deadline
 from services.translate.config import TranslateConfig
+from services.translate.context import SentenceContexts
 from services.translate.languages import (
     FLORES_TOKEN,
     M2M100_TOKEN,
@@ -271,13 +274,20 @@ class CTranslate2Backend:
         """Text of an output hypothesis, language and special tokens dropped."""
         return self._target_sp.decode([t for t in tokens if t not in self._special]).strip()
 
-    def translate_sentences(self, sentences: list[str], pair: Ct2Pair, deadline: Deadline) -> list[str]:
+    def translate_sentences(
+        self,
+        sentences: list[str],
+        pair: Ct2Pair,
+        deadline: Deadline,
+        contexts: SentenceContexts | None = None,
+    ) -> list[str]:
         """Translates all sentences in one ``translate_batch`` call (CTranslate2 sorts and rebatches them).
 
         Args:
             sentences: Non-empty sentences.
             pair: From :meth:`resolve`.
             deadline: Checked once before the call (a running batch is not interrupted).
+            contexts: Ignored: the models translate each sentence on its own.
 
         Returns:
             One translation per sentence, in order.
@@ -296,7 +306,9 @@ class CTranslate2Backend:
         )
         return [self.detokenize(r.hypotheses[0]) for r in results]
 
-    def instance_fns(self, count: int = 0) -> list[Callable[[list[str], Ct2Pair, Deadline], list[str]]]:
+    def instance_fns(
+        self, count: int = 0
+    ) -> list[Callable[[list[str], Ct2Pair, Deadline, SentenceContexts | None], list[str]]]:
         """``translate_sentences`` ``count`` times (0: once per worker), as the translator is thread-safe.
 
         CTranslate2 releases the GIL and shares the weights; it runs ``workers`` batches at once.

@@ -1,8 +1,8 @@
 """The translation engine: request limits, sentence splitting and rejoining, over one backend.
 
-A backend (:mod:`services.translate.ct2` or :mod:`services.translate.llm`) translates a flat list of
-sentences for one language pair. :class:`TranslationEngine` turns a request's texts into that list and
-back:
+A backend (:mod:`services.translate.ct2`, :mod:`services.translate.llama` or
+:mod:`services.translate.http_chat`) translates a flat list of sentences for one language pair.
+:class:`TranslationEngine` turns a request's texts into that list and back:
 
 * every text is split into lines, and each line into sentences (:func:`services.common.text.split_sentences`);
   a sentence longer than ``max_sentence_chars`` is cut at white space into pieces no longer than that;
@@ -12,6 +12,12 @@ back:
   pair share one model batch (:meth:`TranslationEngine.batch_fns`, :meth:`TranslationEngine.join`);
 * translations are joined back: sentences with a space (no space for Chinese, Japanese and Thai
   targets), lines with a line break. An empty or blank text comes back empty and never reaches the model.
+
+A request may carry a :class:`~services.translate.context.TranslationContext`: the text just before its
+texts in the same document, and its translation. It is cut to the last 300 characters of each side, at a
+word boundary (:func:`~services.translate.context.bound_context`), and goes with every sentence of the
+request to the backend: the llm backends continue it (it is their prompt's last example), CTranslate2
+ignores it. It travels with each batcher item, so requests with different contexts still share a batch.
 
 Nothing here imports grpc; errors are :mod:`services.common.errors` exceptions.
 """
@@ -27,11 +33,16 @@ from services.common.errors import InvalidArgument, ParleyError
 from services.common.resilience import Deadline
 from services.common.text import primary_language, split_sentences
 from services.translate.config import Backend, LlmTransport, TranslateConfig
+from services.translate.context import SentenceContexts, TranslationContext, bound_context
 
 logger = logging.getLogger(__name__)
 
 # Targets written without spaces between sentences.
 _NO_SPACE_TARGETS = frozenset({"zh", "ja", "th", "lo", "km", "my"})
+
+
+# A backend's batch function: sentences, pair handle, deadline, contexts (see translate_sentences).
+TranslateFn = Callable[[list[str], Any, Deadline, SentenceContexts | None], list[str]]
 
 
 class TranslationBackend(Protocol):
@@ -53,11 +64,21 @@ class TranslationBackend(Protocol):
         """The backend's handle for a pair (its language tokens); raises InvalidArgument if unsupported."""
         ...
 
-    def translate_sentences(self, sentences: list[str], pair: Any, deadline: Deadline) -> list[str]:
-        """Translates non-empty sentences (blocking); returns one translation per sentence, in order."""
+    def translate_sentences(
+        self, sentences: list[str], pair: Any, deadline: Deadline, contexts: SentenceContexts | None = None
+    ) -> list[str]:
+        """Translates non-empty sentences (blocking); returns one translation per sentence, in order.
+
+        Args:
+            sentences: Non-empty sentences of one language pair.
+            pair: From :meth:`resolve`.
+            deadline: The caller's; past it the backend raises DeadlineExceeded.
+            contexts: Per sentence, the text before it and its translation (bounded), or None; None for no
+                context at all. The llm backends continue it; CTranslate2 ignores it.
+        """
         ...
 
-    def instance_fns(self, count: int = 0) -> list[Callable[[list[str], Any, Deadline], list[str]]]:
+    def instance_fns(self, count: int = 0) -> list[TranslateFn]:
         """One ``translate_sentences``-like function per model instance, for a dynamic batcher.
 
         Each function is called from one thread only; the list's length is the batcher's instance count.
@@ -83,15 +104,20 @@ class SentenceItem:
         text: A non-empty sentence.
         pair: The backend's handle for the language pair (hashable: the batch key).
         deadline: The caller's deadline.
+        context: The request's context (bounded), or None.
     """
 
     text: str
     pair: Any
     deadline: Deadline
+    context: TranslationContext | None = None
 
 
 def batch_key(item: SentenceItem) -> Any:
-    """The batcher's key: sentences of different language pairs never share a batch."""
+    """The batcher's key: sentences of different language pairs never share a batch.
+
+    Contexts are not part of the key: each item carries its own to the backend.
+    """
     return item.pair
 
 
@@ -111,12 +137,14 @@ class Job:
         sentences: All non-empty sentences, flat, in order.
         pair: The backend's handle for the language pair.
         target: Target language as requested (BCP-47).
+        context: The request's context, bounded by :func:`bound_context`; None without one.
     """
 
     layout: list[list[int]]
     sentences: list[str]
     pair: Any
     target: str
+    context: TranslationContext | None = None
 
 
 def cut_long(sentence: str, max_chars: int) -> list[str]:
@@ -167,13 +195,17 @@ class TranslationEngine:
         """Every (source, target) BCP-47 pair the loaded model translates."""
         return self.backend.pairs()
 
-    def prepare(self, texts: list[str], source: str, target: str) -> Job:
+    def prepare(
+        self, texts: list[str], source: str, target: str, context: TranslationContext | None = None
+    ) -> Job:
         """Checks a request and splits it into sentences; cheap, no model call.
 
         Args:
             texts: Texts to translate; empty strings allowed.
             source: Source language, BCP-47.
             target: Target language, BCP-47.
+            context: The text just before ``texts`` and its translation, as the caller sent them; cut to the
+                last 300 characters of each side at a word boundary, dropped when a side is blank.
 
         Raises:
             InvalidArgument: No texts, too many texts or characters, a bad or unsupported language code,
@@ -202,7 +234,8 @@ class TranslationEngine:
                 lines.append(len(pieces))
                 sentences += pieces
             layout.append(lines)
-        return Job(layout, sentences, pair, target)
+        bounded = bound_context(context.source_text, context.translated_text) if context else None
+        return Job(layout, sentences, pair, target, bounded)
 
     def run(self, job: Job, deadline: Deadline | None = None) -> list[str]:
         """Translates a prepared request (blocking: call it on an inference thread).
@@ -219,12 +252,14 @@ class TranslationEngine:
         """
         translated: list[str] = []
         if job.sentences:
-            translated = self.backend.translate_sentences(job.sentences, job.pair, deadline or Deadline(None))
+            translated = self.backend.translate_sentences(
+                job.sentences, job.pair, deadline or Deadline(None), [job.context] * len(job.sentences)
+            )
         return self.join(job, translated)
 
     def items(self, job: Job, deadline: Deadline) -> list[SentenceItem]:
         """The batcher items of a prepared request: one per sentence, in order."""
-        return [SentenceItem(text, job.pair, deadline) for text in job.sentences]
+        return [SentenceItem(text, job.pair, deadline, job.context) for text in job.sentences]
 
     def batch_fns(self, count: int = 0) -> list[Callable[[list[SentenceItem]], list[str]]]:
         """One batch function per model instance: sentences of one language pair in, translations out.
@@ -236,17 +271,20 @@ class TranslationEngine:
             ValueError: The backend cannot run ``count`` instances.
 
         Every item of a batch has the same pair (:func:`batch_key`); the batch goes to the backend in one
-        call, under the latest of its items' deadlines.
+        call, under the latest of its items' deadlines, each sentence with its own request's context.
         """
 
-        def bind(
-            fn: Callable[[list[str], Any, Deadline], list[str]],
-        ) -> Callable[[list[SentenceItem]], list[str]]:
+        def bind(fn: TranslateFn) -> Callable[[list[SentenceItem]], list[str]]:
             def translate_batch(items: list[SentenceItem]) -> list[str]:
                 pair = items[0].pair
                 if any(item.pair != pair for item in items):
                     raise ParleyError("a translation batch mixed language pairs")
-                return fn([item.text for item in items], pair, _latest([item.deadline for item in items]))
+                return fn(
+                    [item.text for item in items],
+                    pair,
+                    _latest([item.deadline for item in items]),
+                    [item.context for item in items],
+                )
 
             return translate_batch
 
@@ -283,10 +321,15 @@ class TranslationEngine:
         return results
 
     def translate(
-        self, texts: list[str], source: str, target: str, deadline: Deadline | None = None
+        self,
+        texts: list[str],
+        source: str,
+        target: str,
+        deadline: Deadline | None = None,
+        context: TranslationContext | None = None,
     ) -> list[str]:
         """:meth:`prepare` then :meth:`run` (blocking)."""
-        return self.run(self.prepare(texts, source, target), deadline)
+        return self.run(self.prepare(texts, source, target, context), deadline)
 
     def close(self) -> None:
         """Releases the backend."""
@@ -305,10 +348,10 @@ def load_backend(config: TranslateConfig) -> TranslationBackend:
 
         return CTranslate2Backend.from_config(config)
     if config.llm_transport is LlmTransport.HTTP:
-        from services.translate.llm import HttpChatBackend
+        from services.translate.http_chat import HttpChatBackend
 
         return HttpChatBackend.from_config(config)
-    from services.translate.llm import EmbeddedLlamaBackend
+    from services.translate.llama import EmbeddedLlamaBackend
 
     return EmbeddedLlamaBackend.from_config(config)
 

@@ -12,6 +12,7 @@ from services.common.batching import DynamicBatcher
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.resilience import Deadline
 from services.common.telemetry import tracer
+from services.translate.context import TranslationContext
 from services.translate.engine import SentenceItem, TranslationEngine
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,19 @@ class TranslationServicer(translate_pb2_grpc.TranslationServicer):
     async def Translate(
         self, request: translate_pb2.TranslateRequest, context: grpc.aio.ServicerContext
     ) -> translate_pb2.TranslateResponse:
-        """Translations of ``request.texts``, in order; an empty text comes back empty."""
-        job = self._engine.prepare(list(request.texts), request.source_language, request.target_language)
+        """Translations of ``request.texts``, in order; an empty text comes back empty.
+
+        ``request.context``, when set, goes with every sentence (the engine bounds it; CTranslate2 ignores
+        it).
+        """
+        preceding = (
+            TranslationContext(request.context.source_text, request.context.translated_text)
+            if request.HasField("context")
+            else None
+        )
+        job = self._engine.prepare(
+            list(request.texts), request.source_language, request.target_language, preceding
+        )
         priority = batch_priority(request.priority, self._batcher.config.priority_levels)
         timeout_s = context.time_remaining()
         deadline = Deadline.after(timeout_s)
@@ -100,6 +112,7 @@ class TranslationServicer(translate_pb2_grpc.TranslationServicer):
                 "translate.chars": sum(len(t) for t in request.texts),
                 "translate.pair": f"{request.source_language}-{request.target_language}",
                 "translate.priority": request.priority,
+                "translate.context_chars": len(job.context.source_text) if job.context else 0,
             },
         ):
             translated = await submit_all(

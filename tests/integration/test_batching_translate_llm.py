@@ -22,7 +22,8 @@ from services.common.errors import DeadlineExceeded
 from services.common.resilience import Deadline
 from services.harness import batch_counts, free_port, start_server
 from services.translate.config import TranslateConfig
-from services.translate.llm import EmbeddedLlamaBackend, LlmPair
+from services.translate.llama import EmbeddedLlamaBackend
+from services.translate.prompts import LlmPair
 from tests.helpers import shared_data
 
 pytestmark = pytest.mark.timeout(300)

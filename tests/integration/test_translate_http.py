@@ -21,7 +21,8 @@ from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from services.common.errors import DeadlineExceeded, ParleyError, Unavailable
 from services.common.resilience import Deadline
 from services.harness import start_server
-from services.translate.llm import HttpChatBackend, LlmPair
+from services.translate.http_chat import HttpChatBackend
+from services.translate.prompts import LlmPair
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="session")]
 
@@ -146,6 +147,28 @@ async def test_translations_are_cleaned_and_in_order(stub):
     assert sorted(r["body"]["messages"][-1]["content"] for r in sent) == sorted(
         ["Good morning.", "How are you?", "Thank you.", "Bye now."]
     )
+
+
+async def test_a_requests_context_is_one_more_example_turn_of_every_sentence(stub):
+    FakeOpenAI.requests.clear()
+    request = translate_pb2.TranslateRequest(
+        texts=["Thank you. Good morning."],
+        source_language="en",
+        target_language="fr",
+        context=translate_pb2.TranslationContext(
+            source_text="It was\na long day,", translated_text="Ce fut une longue journée,"
+        ),
+    )
+    response = await stub.Translate(request, timeout=30)
+    assert list(response.translations) == ["Merci. Bonjour."]
+    assert len(FakeOpenAI.requests) == 2
+    for sent in FakeOpenAI.requests:
+        messages = sent["body"]["messages"]
+        assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 4 + ["user"]
+        assert messages[-3:-1] == [
+            {"role": "user", "content": "It was a long day,"},
+            {"role": "assistant", "content": "Ce fut une longue journée,"},
+        ]
 
 
 async def test_list_language_pairs_are_the_configured_languages(stub):

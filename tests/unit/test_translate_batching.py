@@ -36,7 +36,7 @@ class FakeBackend:
             raise InvalidArgument("unsupported")
         return (source, target)
 
-    def translate_sentences(self, sentences, pair, deadline):
+    def translate_sentences(self, sentences, pair, deadline, contexts=None):
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(5)
@@ -156,7 +156,7 @@ async def test_a_rejected_sentence_withdraws_its_queued_siblings():
 class OomBackend(FakeBackend):
     """Runs out of GPU memory (as CTranslate2 reports it) on calls of more than two sentences."""
 
-    def translate_sentences(self, sentences, pair, deadline):
+    def translate_sentences(self, sentences, pair, deadline, contexts=None):
         if len(sentences) > 2:
             self.calls.append((pair, list(sentences)))
             raise RuntimeError("CUDA failed with error out of memory")

@@ -27,7 +27,7 @@ class RecordingBackend:
             raise InvalidArgument(f"unsupported {source}->{target}")
         return (source, target)
 
-    def translate_sentences(self, sentences, pair, deadline):
+    def translate_sentences(self, sentences, pair, deadline, contexts=None):
         if deadline.expired():
             raise DeadlineExceeded("late")
         self.calls.append(list(sentences))

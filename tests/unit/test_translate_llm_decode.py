@@ -6,7 +6,7 @@ import pytest
 
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.resilience import Deadline
-from services.translate.llm import greedy_decode
+from services.translate.llama import greedy_decode, loop_length
 
 END = 1  # end of generation
 NEWLINE = 10  # the piece b"\n"
@@ -152,3 +152,22 @@ def test_the_prefix_is_evaluated_once_and_shared_up_to_where_a_prompt_departs_fr
     assert out == [b"w9 "]
     assert decoder.steps[-2:] == [[(1, 2)], [(1, 1)]]
     assert decoder.prefix_loads == 1
+
+
+def test_loop_length_finds_a_loop_only_at_the_end_and_only_past_the_thresholds():
+    assert loop_length([5] * 12) == 0 and loop_length([5] * 13) == 12  # one token: 13 times
+    assert loop_length([4] + [7, 8] * 7) == 12 and loop_length([7, 8] * 6) == 0  # two tokens: 7 times
+    assert loop_length([1, 2, 3, 4, 5, 6, 7, 8] * 3) == 16 and loop_length([1, 2, 3, 4, 5, 6, 7, 8] * 2) == 0
+    assert loop_length([7, 8] * 7 + [9]) == 0, "a loop that ended is not at the end"
+    assert loop_length(list(range(30))) == 0
+
+
+def test_a_sentence_that_falls_into_a_repetition_loop_stops_early_and_keeps_one_copy():
+    looping = [20, 21] + [30, 31, 32] * 30  # a three-token phrase again and again, never an end token
+    replies = {(100,): looping, (200,): [40] * 5 + [END]}
+    decoder = ScriptedDecoder(replies)
+    out = decode(decoder, [(100,), (200,)], budgets=[200, 200])
+    assert out == [b"w20 w21 w30 w31 w32 ", b"w40 " * 5], "a short repetition is no loop"
+    # The loop is seen once the phrase has come five times (12 repeated tokens): 2 + 15 tokens generated.
+    assert len(decoder.steps) == 17
+    assert decoder.history == {}

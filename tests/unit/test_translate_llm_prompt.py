@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.translate.llm import (
+from services.translate.context import TranslationContext
+from services.translate.llama import EmbeddedLlamaBackend
+from services.translate.prompts import (
     EXAMPLES,
     LANGUAGE_NAMES,
-    EmbeddedLlamaBackend,
     chat_messages,
     clean_output,
     completion_prompt,
@@ -89,3 +90,29 @@ def test_languages_are_checked_against_the_prompt_examples():
         backend.resolve("fr", "fr-FR")
     with pytest.raises(ValueError, match="xx has no few-shot examples"):
         EmbeddedLlamaBackend(object(), [object()], ("en", "xx"), "m", 64)
+
+
+CONTEXT = TranslationContext("I missed the bus this morning,", "J'ai raté le bus ce matin,")
+
+
+def test_a_context_is_the_last_example_of_the_completion_prompt_after_the_shared_prefix():
+    prompt = completion_prompt("so I was late.", "en", "fr", CONTEXT)
+    assert prompt == (
+        few_shot_prefix("en", "fr")
+        + "English: I missed the bus this morning,\nFrench: J'ai raté le bus ce matin,\n\n"
+        + "English: so I was late.\nFrench:"
+    )
+    assert completion_prompt("so I was late.", "en", "fr", None) == completion_prompt(
+        "so I was late.", "en", "fr"
+    )
+
+
+def test_a_context_is_one_more_chat_turn_before_the_sentence():
+    messages = chat_messages("so I was late.", "en", "fr", CONTEXT)
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 4 + ["user"]
+    assert messages[-3:] == [
+        {"role": "user", "content": CONTEXT.source_text},
+        {"role": "assistant", "content": CONTEXT.translated_text},
+        {"role": "user", "content": "so I was late."},
+    ]
+    assert messages[:7] == chat_messages("so I was late.", "en", "fr")[:7]

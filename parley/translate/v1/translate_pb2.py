@@ -24,23 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#parley/translate/v1/translate.proto\x12\x13parley.translate.v1\"y\n\x10TranslateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x17\n\x0fsource_language\x18\x03 \x01(\t\x12\x17\n\x0ftarget_language\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\r\"L\n\x11TranslateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0ctranslations\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x1a\n\x18ListLanguagePairsRequest\"@\n\x0cLanguagePair\x12\x17\n\x0fsource_language\x18\x01 \x01(\t\x12\x17\n\x0ftarget_language\x18\x02 \x01(\t\"\\\n\x19ListLanguagePairsResponse\x12\x30\n\x05pairs\x18\x01 \x03(\x0b\x32!.parley.translate.v1.LanguagePair\x12\r\n\x05model\x18\x02 \x01(\t2\xdd\x01\n\x0bTranslation\x12Z\n\tTranslate\x12%.parley.translate.v1.TranslateRequest\x1a&.parley.translate.v1.TranslateResponse\x12r\n\x11ListLanguagePairs\x12-.parley.translate.v1.ListLanguagePairsRequest\x1a..parley.translate.v1.ListLanguagePairsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#parley/translate/v1/translate.proto\x12\x13parley.translate.v1\"\xb3\x01\n\x10TranslateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x17\n\x0fsource_language\x18\x03 \x01(\t\x12\x17\n\x0ftarget_language\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x38\n\x07\x63ontext\x18\x06 \x01(\x0b\x32\'.parley.translate.v1.TranslationContext\"B\n\x12TranslationContext\x12\x13\n\x0bsource_text\x18\x01 \x01(\t\x12\x17\n\x0ftranslated_text\x18\x02 \x01(\t\"L\n\x11TranslateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0ctranslations\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x1a\n\x18ListLanguagePairsRequest\"@\n\x0cLanguagePair\x12\x17\n\x0fsource_language\x18\x01 \x01(\t\x12\x17\n\x0ftarget_language\x18\x02 \x01(\t\"\\\n\x19ListLanguagePairsResponse\x12\x30\n\x05pairs\x18\x01 \x03(\x0b\x32!.parley.translate.v1.LanguagePair\x12\r\n\x05model\x18\x02 \x01(\t2\xdd\x01\n\x0bTranslation\x12Z\n\tTranslate\x12%.parley.translate.v1.TranslateRequest\x1a&.parley.translate.v1.TranslateResponse\x12r\n\x11ListLanguagePairs\x12-.parley.translate.v1.ListLanguagePairsRequest\x1a..parley.translate.v1.ListLanguagePairsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'parley.translate.v1.translate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSLATEREQUEST']._serialized_start=60
-  _globals['_TRANSLATEREQUEST']._serialized_end=181
-  _globals['_TRANSLATERESPONSE']._serialized_start=183
-  _globals['_TRANSLATERESPONSE']._serialized_end=259
-  _globals['_LISTLANGUAGEPAIRSREQUEST']._serialized_start=261
-  _globals['_LISTLANGUAGEPAIRSREQUEST']._serialized_end=287
-  _globals['_LANGUAGEPAIR']._serialized_start=289
-  _globals['_LANGUAGEPAIR']._serialized_end=353
-  _globals['_LISTLANGUAGEPAIRSRESPONSE']._serialized_start=355
-  _globals['_LISTLANGUAGEPAIRSRESPONSE']._serialized_end=447
-  _globals['_TRANSLATION']._serialized_start=450
-  _globals['_TRANSLATION']._serialized_end=671
+  _globals['_TRANSLATEREQUEST']._serialized_start=61
+  _globals['_TRANSLATEREQUEST']._serialized_end=240
+  _globals['_TRANSLATIONCONTEXT']._serialized_start=242
+  _globals['_TRANSLATIONCONTEXT']._serialized_end=308
+  _globals['_TRANSLATERESPONSE']._serialized_start=310
+  _globals['_TRANSLATERESPONSE']._serialized_end=386
+  _globals['_LISTLANGUAGEPAIRSREQUEST']._serialized_start=388
+  _globals['_LISTLANGUAGEPAIRSREQUEST']._serialized_end=414
+  _globals['_LANGUAGEPAIR']._serialized_start=416
+  _globals['_LANGUAGEPAIR']._serialized_end=480
+  _globals['_LISTLANGUAGEPAIRSRESPONSE']._serialized_start=482
+  _globals['_LISTLANGUAGEPAIRSRESPONSE']._serialized_end=574
+  _globals['_TRANSLATION']._serialized_start=577
+  _globals['_TRANSLATION']._serialized_end=798
 # @@protoc_insertion_point(module_scope)

@@ -7,18 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TranslateRequest(_message.Message):
-    __slots__ = ("request_id", "texts", "source_language", "target_language", "priority")
+    __slots__ = ("request_id", "texts", "source_language", "target_language", "priority", "context")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     source_language: str
     target_language: str
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+    context: TranslationContext
+    def __init__(self, request_id: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., priority: _Optional[int] = ..., context: _Optional[_Union[TranslationContext, _Mapping]] = ...) -> None: ...
+
+class TranslationContext(_message.Message):
+    __slots__ = ("source_text", "translated_text")
+    SOURCE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATED_TEXT_FIELD_NUMBER: _ClassVar[int]
+    source_text: str
+    translated_text: str
+    def __init__(self, source_text: _Optional[str] = ..., translated_text: _Optional[str] = ...) -> None: ...
 
 class TranslateResponse(_message.Message):
     __slots__ = ("request_id", "translations", "model")
