@@ -129,7 +129,9 @@ class UtteranceResult:
     transcript: str = ""
     language: str = ""
     interim: list[str] = field(default_factory=list)
+    commits: list[str] = field(default_factory=list)
     translation: str = ""
+    clause_timings: list[dict[str, float]] = field(default_factory=list)
     audio: bytearray = field(default_factory=bytearray)
     audio_rate_hz: int = 0
     timings: dict[str, float] = field(default_factory=dict)
@@ -181,11 +183,16 @@ class Collector:
                 result.received_s.setdefault("final_transcript", time.monotonic())
             else:
                 result.interim.append(t.text)
-        elif kind == "translation":
-            result.translation = response.translation.text
+        elif kind == "commit":
+            result.commits.append(response.commit.text)
+        elif kind == "translation":  # one per clause: the utterance's translation is their texts joined
+            result.translation = f"{result.translation} {response.translation.text}".strip()
         elif kind == "audio":
             result.audio += response.audio.audio
             result.audio_rate_hz = response.audio.format.sample_rate_hz
+        elif kind == "clause_timings":
+            t = response.clause_timings
+            result.clause_timings.append({f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields})
         elif kind == "timings":
             result.timings = {
                 f.name: getattr(response.timings, f.name) for f in response.timings.DESCRIPTOR.fields

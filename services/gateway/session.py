@@ -66,6 +66,8 @@ SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000
 # after min_speech_ms and padded by speech_pad_ms (VAD defaults 250 + 30 ms); 2 s leaves room for any
 # configured values.
 VAD_LOOKBACK_SAMPLES = 2 * SAMPLE_RATE_HZ
+# Clauses (source and translation) given to the translation stage as the context of the next one.
+CONTEXT_CLAUSES = 3
 # Messages (audio chunks and boundaries) waiting for the STT stream; when full, endpointing waits.
 STT_QUEUE_MESSAGES = 64
 
@@ -233,6 +235,7 @@ class StreamSession:
         self._stt_retry: _SttItem | None = None
         self._held_clauses: dict[int, int] = {}  # DIRECT: id(clause) -> first sample still needed
         self._open: dict[int, Utterance] = {}  # started, last event not yet queued
+        self._history: list[tuple[str, str]] = []  # the last clauses translated: (source, translation)
         self._tasks: list[asyncio.Task[None]] = []
         self._ended = asyncio.Event()  # EndOfStream is queued
         self._room = asyncio.Event()  # set whenever the hold point may have moved
@@ -605,7 +608,8 @@ class StreamSession:
                     if utterance is None or utterance.stt_done:
                         continue
                     started.append(utterance)
-                message.boundary.at_ms = max(0, at_ms - (state["offset_ms"] or at_ms))
+                offset_ms = at_ms if state["offset_ms"] is None else state["offset_ms"]
+                message.boundary.at_ms = max(0, at_ms - offset_ms)
             elif state["offset_ms"] is None:
                 state["offset_ms"] = at_ms
             yield message
@@ -851,14 +855,22 @@ class StreamSession:
         return bool(clause.translation) and self.request.synthesize_speech
 
     async def _cascade_translation(self, clause: Clause) -> str:
+        """The Translate call for one clause, with the stream's earlier clauses as context."""
+        context = translate_pb2.TranslationContext(
+            source_text=" ".join(source for source, _ in self._history),
+            translated_text=" ".join(target for _, target in self._history),
+        )
         request = translate_pb2.TranslateRequest(
             request_id=self.request.request_id,
             texts=[clause.text],
             source_language=clause.utterance.language,
             target_language=self.target,
+            context=context,
         )
         response = await self.down.translate(request, self.deadline)
-        return response.translations[0].strip() if response.translations else ""
+        translation = response.translations[0].strip() if response.translations else ""
+        self._history = [*self._history[-(CONTEXT_CLAUSES - 1) :], (clause.text, translation)]
+        return translation
 
     async def _direct_translation(self, clause: Clause) -> str:
         """Whisper's translate task on the clause's audio (DIRECT mode), after its transcript was committed.

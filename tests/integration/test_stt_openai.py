@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from services.stt.endpointing import SileroSession
 
 from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
@@ -42,7 +43,6 @@ from services.common.models import silero_vad_path
 from services.common.resilience import Deadline
 from services.harness import read_wav, start_server
 from services.stt.config import DEFAULT_HALLUCINATION_PHRASES, VOXTRAL_LANGUAGES
-from services.stt.endpointing import SileroSession
 from services.stt.filters import HallucinationGates
 from services.stt.openai_backend import OpenAiTranscriptionBackend, wav_bytes
 from tests.helpers import read_manifest

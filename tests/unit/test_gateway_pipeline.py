@@ -84,7 +84,12 @@ class FakeVad(vad_pb2_grpc.VoiceActivityDetectionServicer):
 
 
 class FakeStt(stt_pb2_grpc.SpeechToTextServicer):
-    """Transcript = "words N" with N the audio's whole seconds (rounded); TRANSLATE prefixes "en:"."""
+    """Transcript = "words N" with N the utterance's whole seconds (rounded); TRANSLATE prefixes "en:".
+
+    StreamingRecognize follows the caller's boundaries: at each END, after ``delay_s``, one commit (one word
+    spanning the utterance, closing its clause) and the final result; with interim_results, an interim
+    "words k" after each second of an utterance's audio. Transcribe serves DIRECT mode's translations.
+    """
 
     def __init__(self, delay_s: float = 0.0):
         self.delay_s = delay_s
@@ -92,7 +97,7 @@ class FakeStt(stt_pb2_grpc.SpeechToTextServicer):
         self.called = asyncio.Event()
         self.cancelled = asyncio.Event()
 
-    async def Transcribe(self, request, context):
+    async def _decode(self, text: str) -> None:
         started = time.monotonic()
         self.called.set()
         try:
@@ -100,11 +105,57 @@ class FakeStt(stt_pb2_grpc.SpeechToTextServicer):
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
+        self.log.append((text, started, time.monotonic()))
+
+    async def StreamingRecognize(self, request_iterator, context):
+        requests = aiter(request_iterator)
+        config = (await anext(requests)).streaming_config
+        assert config.caller_endpointing
+        position_ms, start_ms, index, interims = 0, None, -1, 0
+        async for request in requests:
+            if request.WhichOneof("streaming_request") == "audio_content":
+                position_ms += len(request.audio_content) // 32
+                if start_ms is not None and config.interim_results and position_ms - start_ms >= 1000 * (interims + 1):
+                    interims += 1
+                    yield self._result(index, f"words {interims}", start_ms, position_ms, stability=0.0)
+                continue
+            boundary = request.boundary
+            if boundary.kind == stt_pb2.SpeechBoundary.START:
+                start_ms, index, interims = boundary.at_ms, index + 1, 0
+            elif boundary.kind == stt_pb2.SpeechBoundary.END and start_ms is not None:
+                text = f"words {round((boundary.at_ms - start_ms) / 1000)}"
+                await self._decode(text)
+                word = stt_pb2.Word(word=" " + text, start_ms=start_ms, end_ms=boundary.at_ms)
+                committed = self._result(index, text, start_ms, boundary.at_ms, stability=1.0)
+                committed.results[0].committed.CopyFrom(stt_pb2.Segment(text=text, words=[word]))
+                committed.results[0].closes_clause = True
+                yield committed
+                final = self._result(index, text, start_ms, boundary.at_ms, stability=1.0)
+                final.results[0].is_final = True
+                yield final
+                start_ms = None
+
+    @staticmethod
+    def _result(index, text, start_ms, end_ms, stability):
+        return stt_pb2.StreamingRecognizeResponse(
+            results=[
+                stt_pb2.StreamingRecognitionResult(
+                    transcript=text,
+                    stability=stability,
+                    utterance_index=index,
+                    start_ms=start_ms,
+                    end_ms=end_ms,
+                    language="fr",
+                )
+            ]
+        )
+
+    async def Transcribe(self, request, context):
         seconds = round(len(request.audio) / 2 / RATE)
         text = f"words {seconds}"
         if request.config.task == stt_pb2.TRANSLATE:
             text = "en: " + text
-        self.log.append((text, started, time.monotonic()))
+        await self._decode(text)
         return stt_pb2.TranscribeResponse(
             request_id=request.request_id, text=text, language=request.config.language or "fr"
         )
@@ -331,7 +382,18 @@ async def test_drain_ends_live_streams_with_every_utterance_answered(cluster, bu
         assert any(e["stage"] == "gateway" for u in collector.utterances.values() for e in u.errors)
 
 
-EXPECTED_ORDER = ["speech_started", "transcript", "translation", "audio", "audio", "timings"]
+# One clause per utterance with the fake STT: its commit, translation, two audio chunks and clause timings,
+# then the utterance's empty last audio chunk and timings. The final transcript comes after the commit.
+EXPECTED_ORDER = [
+    "speech_started",
+    "commit",
+    "translation",
+    "audio",
+    "audio",
+    "clause_timings",
+    "audio",
+    "timings",
+]
 
 
 @pytest.mark.timeout(30)
@@ -342,7 +404,8 @@ async def test_events_stay_in_utterance_order_while_stages_pipeline(cluster):
     assert indices == sorted(indices)
     for index in range(3):
         kinds = [kind for i, kind in result.events if i == index and kind != "end_of_stream"]
-        assert kinds == EXPECTED_ORDER, (index, kinds)
+        assert [k for k in kinds if k != "transcript"] == EXPECTED_ORDER, (index, kinds)
+        assert kinds.index("commit") < kinds.index("transcript") < kinds.index("timings"), kinds
     assert [u.transcript for u in result.utterances.values()] == ["words 1", "words 2", "words 3"]
     assert [u.translation for u in result.utterances.values()] == ["T(words 1)", "T(words 2)", "T(words 3)"]
     assert result.events[-1] == (3, "end_of_stream") and result.end.utterances == 3
@@ -371,7 +434,7 @@ async def test_transcription_only_when_no_target(cluster):
         cluster.gateway, config(target_language="", synthesize_speech=True), speech(1.0)
     )
     kinds = [kind for _, kind in result.events]
-    assert kinds == ["speech_started", "transcript", "timings", "end_of_stream"]
+    assert kinds == ["speech_started", "commit", "transcript", "timings", "end_of_stream"]
 
 
 @pytest.mark.timeout(30)
@@ -484,8 +547,6 @@ async def _until(predicate) -> None:
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("cluster", [{"stt_delay_s": 0.3}], indirect=True)
 async def test_interim_transcripts_precede_the_final_one(cluster):
-    cluster.servicer.config = dataclasses.replace(cluster.servicer.config, interim_interval_s=0.3)
-
     async def realtime():
         for chunk in split_pcm(speech(2.5), 100):
             yield chunk
@@ -496,9 +557,10 @@ async def test_interim_transcripts_precede_the_final_one(cluster):
         async for event in client.translate_speech(config(interim_results=True), realtime()):
             collector.add(event)
     kinds = [kind for _, kind in collector.events]
-    finals = [i for i, k in enumerate(kinds) if k == "transcript"]
-    assert len(finals) >= 2, kinds
+    transcripts = [i for i, k in enumerate(kinds) if k == "transcript"]
+    assert len(transcripts) >= 2, kinds
     assert collector.utterances[0].interim and collector.utterances[0].transcript == "words 2"
+    assert collector.utterances[0].interim[0] == "words 1"  # STT's interims, forwarded before the final
 
 
 @pytest.mark.timeout(30)
