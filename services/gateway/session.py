@@ -159,6 +159,8 @@ class Utterance:
     clause_start_ms: int = 0
     clauses: list[Clause] = field(default_factory=list)
     sentences: int = 0  # audio sentence chunks sent
+    failed_stages: set[str] = field(default_factory=set)  # stages an error event was sent for
+    stt_span: Any = None
     events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     timings: gateway_pb2.UtteranceTimings = field(default_factory=gateway_pb2.UtteranceTimings)
     span: Any = None
@@ -368,9 +370,15 @@ class StreamSession:
         self._report(utterance, stage, code, details or code.name)
 
     def _report(self, utterance: Utterance, stage: str, code: grpc.StatusCode, message: str) -> None:
-        """Sends the utterance's error event, counted, logged and marked on its span."""
+        """Sends the utterance's error event, counted, logged and marked on its span.
+
+        One event per stage and utterance: the first failure (its later clauses still try the stage).
+        """
         UTTERANCE_ERRORS.labels(stage, code.name).inc()
         logger.warning("utterance %d: %s failed: %s %s", utterance.index, stage, code.name, message)
+        if stage in utterance.failed_stages:
+            return
+        utterance.failed_stages.add(stage)
         if utterance.span is not None:
             utterance.span.set_attribute(f"error.{stage}", code.name)
         self._emit(
@@ -562,6 +570,9 @@ class StreamSession:
             attributes={"utterance.index": utterance.index, "audio.start_s": start_ms / 1000},
         )
         self._emit(utterance, speech_started=gateway_pb2.SpeechStarted(start_ms=start_ms))
+        utterance.stt_span = self._tracer.start_span(
+            "gateway.stt", context=trace.set_span_in_context(utterance.span)
+        )
         if recognize:
             self._current = utterance
             await self._to_stt(_BOUNDARY.START, start_ms, utterance)
@@ -685,6 +696,7 @@ class StreamSession:
     def _stt_finished(self, utterance: Utterance) -> None:
         """No more recognition results come for the utterance: its clauses are all queued."""
         utterance.stt_done = True
+        utterance.stt_span.end()
         self._clauses.put_nowait(utterance)
 
     def _on_stt(

@@ -115,7 +115,8 @@ class FakeStt(stt_pb2_grpc.SpeechToTextServicer):
         async for request in requests:
             if request.WhichOneof("streaming_request") == "audio_content":
                 position_ms += len(request.audio_content) // 32
-                if start_ms is not None and config.interim_results and position_ms - start_ms >= 1000 * (interims + 1):
+                heard_ms = position_ms - start_ms if start_ms is not None else 0
+                if config.interim_results and heard_ms >= 1000 * (interims + 1):
                     interims += 1
                     yield self._result(index, f"words {interims}", start_ms, position_ms, stability=0.0)
                 continue
