@@ -757,9 +757,10 @@ class StreamSession:
         if not result.closes_clause or not utterance.open_words:
             return
         now_s = self.clock.monotonic()
-        last_word_ms = utterance.open_words[-1].end_ms
-        closed_at_s = next((t for at_ms, t in utterance.boundaries if at_ms >= last_word_ms), now_s)
-        end_ms = next((at_ms for at_ms, _ in utterance.boundaries if at_ms >= last_word_ms), last_word_ms)
+        # A clause closed at a pause or the end ends at that boundary (the commit's end): its speech ended
+        # when the gateway received the boundary; one closed by punctuation ends at its last word, known now.
+        end_ms = max(offset_ms + committed.end_ms, utterance.open_words[-1].end_ms)
+        closed_at_s = next((t for at_ms, t in utterance.boundaries if at_ms == end_ms), now_s)
         clause = Clause(
             utterance=utterance,
             index=clause_index,

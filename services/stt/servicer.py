@@ -349,8 +349,8 @@ def _word_pb(word: TimedWord) -> stt_pb2.Word:
 def _commit_pb(commit: Commit) -> stt_pb2.Segment:
     words = commit.words
     return stt_pb2.Segment(
-        start_ms=words[0].start_ms if words else 0,
-        end_ms=words[-1].end_ms if words else 0,
+        start_ms=words[0].start_ms if words else commit.end_ms,
+        end_ms=commit.end_ms,
         text=commit.text,
         words=[_word_pb(w) for w in words],
     )

@@ -158,12 +158,15 @@ class Commit:
         words: The words (possibly none: a pause or an end that closes a clause whose words were all
             committed by agreement).
         closes_clause: The words end the clause (punctuation, a pause or the end).
+        end_ms: Audio committed up to here, in stream ms: the last word's end, or the boundary's time for a
+            commit made at a pause or the end.
     """
 
     commit_index: int
     clause_index: int
     words: tuple[TimedWord, ...]
     closes_clause: bool
+    end_ms: int
 
     @property
     def text(self) -> str:
@@ -383,7 +386,7 @@ class StreamRecognizer:
                 agreed.append(new)
         tail = hypothesis[len(agreed) :]
         utterance.hypothesis = tail
-        commits = self._commit(utterance, agreed, at_pause=False)
+        commits = self._commit(utterance, agreed)
         if not commits and not self.params.interim_results:
             return []
         return [self._interim(utterance, commits, tail, end_ms)]
@@ -411,7 +414,7 @@ class StreamRecognizer:
         """Commits everything decoded up to a PAUSE or END; the END also gives the final result."""
         words = [w for w in hypothesis if w.start_ms < at_ms]
         utterance.hypothesis = []
-        commits = self._commit(utterance, words, at_pause=True)
+        commits = self._commit(utterance, words, at_ms=at_ms)
         utterance.cut_ms = max(utterance.cut_ms, at_ms)
         utterance.decoded_to_ms = max(utterance.decoded_to_ms, at_ms)
         updates = [self._interim(utterance, commits, [], at_ms)] if commits else []
@@ -434,18 +437,28 @@ class StreamRecognizer:
             )
         return updates
 
-    def _commit(self, utterance: _Utterance, words: Sequence[TimedWord], at_pause: bool) -> list[Commit]:
-        """Commits ``words``, split after each clause-closing word; cuts the buffer (module docstring)."""
+    def _commit(
+        self, utterance: _Utterance, words: Sequence[TimedWord], at_ms: int | None = None
+    ) -> list[Commit]:
+        """Commits ``words``, split after each clause-closing word; cuts the buffer (module docstring).
+
+        ``at_ms`` is the time of the pause or end being flushed (everything before it is committed and the
+        last commit closes the clause there); ``None`` for an agreement commit.
+        """
         commits: list[Commit] = []
         run: list[TimedWord] = []
         for word in words:
             run.append(word)
             if word.closes_clause:
-                commits.append(self._add_commit(utterance, run, closes=True))
+                commits.append(self._add_commit(utterance, run, closes=True, end_ms=word.end_ms))
                 run = []
-        if run or (at_pause and utterance.clause_has_words):
-            commits.append(self._add_commit(utterance, run, closes=at_pause))
-        if at_pause or not words:
+        if at_ms is not None:
+            if run or utterance.clause_has_words:
+                commits.append(self._add_commit(utterance, run, closes=True, end_ms=at_ms))
+            return commits
+        if run:
+            commits.append(self._add_commit(utterance, run, closes=False, end_ms=run[-1].end_ms))
+        if not words:
             return commits
         closing = [w for w in words if w.closes_clause]
         if closing:
@@ -454,8 +467,8 @@ class StreamRecognizer:
             utterance.cut_ms = max(utterance.cut_ms, words[-1].end_ms)
         return commits
 
-    def _add_commit(self, utterance: _Utterance, words: list[TimedWord], closes: bool) -> Commit:
-        commit = Commit(len(utterance.commits), utterance.clause_index, tuple(words), closes)
+    def _add_commit(self, utterance: _Utterance, words: list[TimedWord], closes: bool, end_ms: int) -> Commit:
+        commit = Commit(len(utterance.commits), utterance.clause_index, tuple(words), closes, end_ms)
         utterance.commits.append(commit)
         utterance.committed += words
         utterance.clause_has_words = utterance.clause_has_words or bool(words)

@@ -88,7 +88,9 @@ def test_pause_commits_the_whole_tail_as_a_clause_and_end_needs_no_second_decode
     assert job.final and job.boundary is BoundaryKind.PAUSE
     assert job.offset_ms == 200 and len(job.audio) == 1600 * SAMPLES_PER_MS
     updates = rec.apply(job, words(("bonjour", 300, 800), ("à", 900, 1000), ("tous", 1000, 1700)), "fr")
-    assert [(c.text, c.closes_clause) for u in updates for c in u.commits] == [("bonjour à tous", True)]
+    assert [(c.text, c.closes_clause, c.end_ms) for u in updates for c in u.commits] == [
+        ("bonjour à tous", True, 1800)  # a pause's commit ends at the pause, not at its last word
+    ]
     feed_ms(rec, 300)
     final = rec.boundary(BoundaryKind.END, 1810)  # no speech since the pause: no decode
     assert rec.next_job() is None
