@@ -52,7 +52,7 @@ from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
-from services.common.resilience import Deadline
+from services.common.deadlines import Deadline
 from services.translate.config import Backend, TranslateConfig
 from services.translate.llm import EmbeddedLlamaBackend
 from tests.fixtures.tiny_ct2 import build_tiny_model

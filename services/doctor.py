@@ -76,7 +76,7 @@ def _check_stt(audio: Path) -> str:
 
 
 def _check_translate(_audio: Path) -> str:
-    from services.common.resilience import Deadline
+    from services.common.deadlines import Deadline
     from services.translate.config import TranslateConfig
     from services.translate.engine import load_backend
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import ServerConfig, option
-from services.common.streams import StreamLimitsConfig
+from services.common.config import ServerConfig, StreamLimitsConfig, option
 
 DEFAULT_PORTS = {"gateway": 50051, "vad": 50052, "stt": 50053, "translate": 50054, "tts": 50055}
 

@@ -39,6 +39,7 @@ from parley.translate.v1 import translate_pb2
 from parley.vad.v1 import vad_pb2
 from services.common.audio import PcmStream, float_to_pcm16
 from services.common.config import flag
+from services.common.deadlines import Deadline, SystemClock
 from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -46,7 +47,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.common.resilience import Deadline, Guard, SystemClock
+from services.common.resilience import Guard
 from services.common.text import primary_language
 from services.gateway import subtitles as subs
 from services.gateway.config import GatewayConfig

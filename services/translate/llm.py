@@ -70,9 +70,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded, InvalidArgument, ParleyError
 from services.common.http import post_json
-from services.common.resilience import Deadline
 from services.translate.config import TranslateConfig
 from services.translate.languages import parse_tag
 

@@ -8,6 +8,7 @@ import grpc
 
 from parley.audio.v1 import audio_pb2
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
+from services.common.deadlines import Deadline
 from services.tts.engine import Synthesis, TtsEngine
 
 
@@ -19,6 +20,9 @@ def _format(result: Synthesis) -> audio_pb2.AudioFormat:
 
 class SpeechSynthesisServicer(tts_pb2_grpc.SpeechSynthesisServicer):
     """Serves synthesis from one :class:`TtsEngine`. Engine errors become status codes in the interceptor.
+
+    Every call passes its deadline (``context.time_remaining()``) to the engine: a sentence still queued
+    when it passes is never synthesized, and a stream ends there with DEADLINE_EXCEEDED.
 
     Args:
         engine: The loaded voices and result cache.
@@ -32,7 +36,12 @@ class SpeechSynthesisServicer(tts_pb2_grpc.SpeechSynthesisServicer):
     ) -> tts_pb2.SynthesizeResponse:
         """Speaks the whole text; PCM_S16LE mono audio in one response."""
         result = await self._engine.synthesize(
-            request.text, request.language, request.voice, request.speaking_rate, request.sample_rate_hz
+            request.text,
+            request.language,
+            request.voice,
+            request.speaking_rate,
+            request.sample_rate_hz,
+            Deadline.after(context.time_remaining()),
         )
         return tts_pb2.SynthesizeResponse(
             request_id=request.request_id,
@@ -47,7 +56,12 @@ class SpeechSynthesisServicer(tts_pb2_grpc.SpeechSynthesisServicer):
     ) -> AsyncIterator[tts_pb2.SynthesizeStreamResponse]:
         """Speaks the text sentence by sentence; one response per sentence, ``is_last`` on the final one."""
         stream = self._engine.synthesize_stream(
-            request.text, request.language, request.voice, request.speaking_rate, request.sample_rate_hz
+            request.text,
+            request.language,
+            request.voice,
+            request.speaking_rate,
+            request.sample_rate_hz,
+            Deadline.after(context.time_remaining()),
         )
         index = 0
         async for sentence, result, is_last in stream:

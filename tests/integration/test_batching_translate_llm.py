@@ -18,8 +18,8 @@ import pytest
 
 from benchmarks.metrics import chrf
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded
-from services.common.resilience import Deadline
 from services.translate.config import TranslateConfig
 from services.translate.llm import EmbeddedLlamaBackend, LlmPair
 from tests.helpers import batch_counts, free_port, shared_data, start_server

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.inference import InferencePool
+from services.common.inference import BatchedPool
 from services.tts.cache import ByteLruCache
 from services.tts.engine import (
     ESPEAK,
@@ -43,7 +43,7 @@ class FakeVoice:
 
 
 def make_engine(*voices: FakeVoice, **kwargs) -> TtsEngine:
-    return TtsEngine([(v, InferencePool(v.info.name)) for v in voices], **kwargs)
+    return TtsEngine([(v, BatchedPool(v.info.name)) for v in voices], **kwargs)
 
 
 @pytest.fixture
