@@ -113,7 +113,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_type_checking_imports_are_skipped():
     tree = ast.parse(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import services.x\nelse:\n    import services.y\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    import services.x\nelse:\n    import services.y\n"
     )
     assert _imports([tree], "services.m", False) == {"typing", "typing.TYPE_CHECKING", "services.y"}
 
