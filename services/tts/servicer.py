@@ -18,6 +18,11 @@ def _format(result: Synthesis) -> audio_pb2.AudioFormat:
     )
 
 
+def _speech(request: tts_pb2.SynthesizeRequest) -> tuple[str, str, str, float, int]:
+    """The engine's (text, language, voice, rate, sample_rate_hz) arguments of a request."""
+    return request.text, request.language, request.voice, request.speaking_rate, request.sample_rate_hz
+
+
 class SpeechSynthesisServicer(tts_pb2_grpc.SpeechSynthesisServicer):
     """Serves synthesis from one :class:`TtsEngine`. Engine errors become status codes in the interceptor.
 
@@ -35,14 +40,8 @@ class SpeechSynthesisServicer(tts_pb2_grpc.SpeechSynthesisServicer):
         self, request: tts_pb2.SynthesizeRequest, context: grpc.aio.ServicerContext
     ) -> tts_pb2.SynthesizeResponse:
         """Speaks the whole text; PCM_S16LE mono audio in one response."""
-        result = await self._engine.synthesize(
-            request.text,
-            request.language,
-            request.voice,
-            request.speaking_rate,
-            request.sample_rate_hz,
-            Deadline.after(context.time_remaining()),
-        )
+        deadline = Deadline.after(context.time_remaining())
+        result = await self._engine.synthesize(*_speech(request), deadline)
         return tts_pb2.SynthesizeResponse(
             request_id=request.request_id,
             audio=result.pcm,
@@ -55,14 +54,8 @@ class SpeechSynthesisServicer(tts_pb2_grpc.SpeechSynthesisServicer):
         self, request: tts_pb2.SynthesizeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tts_pb2.SynthesizeStreamResponse]:
         """Speaks the text sentence by sentence; one response per sentence, ``is_last`` on the final one."""
-        stream = self._engine.synthesize_stream(
-            request.text,
-            request.language,
-            request.voice,
-            request.speaking_rate,
-            request.sample_rate_hz,
-            Deadline.after(context.time_remaining()),
-        )
+        deadline = Deadline.after(context.time_remaining())
+        stream = self._engine.synthesize_stream(*_speech(request), deadline)
         index = 0
         async for sentence, result, is_last in stream:
             yield tts_pb2.SynthesizeStreamResponse(
