@@ -53,7 +53,7 @@ from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2, vad_pb2_grpc
 from services.common.audio import SAMPLE_RATE_HZ
-from services.common.resilience import Deadline
+from services.common.deadlines import Deadline
 from services.harness import (
     SHARED_DATA,
     ServerProcess,

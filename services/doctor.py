@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.audio import SAMPLE_RATE_HZ, float_to_pcm16
+from services.common.audio import SAMPLE_RATE_HZ, float_to_pcm16, pcm16_to_wav
 from services.common.processes import describe_exit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def _check_stt(audio: Path) -> str:
 
 
 def _check_translate(_audio: Path) -> str:
-    from services.common.resilience import Deadline
+    from services.common.deadlines import Deadline
     from services.translate.config import TranslateConfig
     from services.translate.engine import load_backend
 
@@ -204,7 +204,6 @@ def _sample_speech(directory: Path) -> Path:
     """A sentence spoken by the bundled Piper voice, at 16 kHz, when no recording is at hand."""
     import soxr
 
-    from services.clients.media import write_wav
     from services.tts.config import BUNDLED_PIPER_VOICE
     from services.tts.engine import PiperSynthesizer, piper_model_path
 
@@ -212,7 +211,7 @@ def _sample_speech(directory: Path) -> Path:
     samples = synth.synthesize("And so, my fellow Americans, ask not what your country can do for you.", 1.0)
     samples = soxr.resample(samples, synth.info.sample_rate_hz, SAMPLE_RATE_HZ)
     path = directory / "sample.wav"
-    write_wav(path, float_to_pcm16(samples), SAMPLE_RATE_HZ)
+    path.write_bytes(pcm16_to_wav(float_to_pcm16(samples), SAMPLE_RATE_HZ))
     return path
 
 

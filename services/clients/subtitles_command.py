@@ -130,7 +130,7 @@ async def _in_process(
     from parley.stt.v1 import stt_pb2_grpc
     from parley.translate.v1 import translate_pb2_grpc
     from parley.vad.v1 import vad_pb2_grpc
-    from services.common.resilience import Deadline
+    from services.common.deadlines import Deadline
     from services.gateway.file_job import FileTranslator, result_to_proto
 
     addresses = (

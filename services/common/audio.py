@@ -165,12 +165,14 @@ class PcmStream:
         """Ends the stream; returns the resampler's tail. A partial trailing frame is dropped."""
         if self._resampler is None:
             return np.zeros(0, dtype=np.float32)
-        return self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        return np.asarray(tail, np.float32)
 
 
 def float_to_pcm16(samples: np.ndarray) -> bytes:
     """float32 in [-1, 1], shape ``(n_samples,)`` -> PCM_S16LE bytes (clipped)."""
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    scaled: np.ndarray = np.clip(samples, -1.0, 1.0) * 32767.0
+    return scaled.astype("<i2").tobytes()
 
 
 def pcm16_to_wav(pcm: bytes, sample_rate_hz: int) -> bytes:
@@ -188,4 +190,4 @@ def resample(samples: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
     """Resamples float32 mono audio with soxr; returns it unchanged when the rates match."""
     if from_hz == to_hz:
         return samples
-    return soxr.resample(samples, from_hz, to_hz).astype(np.float32)
+    return np.asarray(soxr.resample(samples, from_hz, to_hz), np.float32)

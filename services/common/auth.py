@@ -160,7 +160,7 @@ def token_name() -> str | None:
     return _CALLER.get()
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type stubs: its base classes are Any
     """Refuses, before any handler runs, a call without one of ``tokens``; health (and reflection) are open.
 
     Args:

@@ -67,6 +67,29 @@ class ServerConfig:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamLimitsConfig:
+    """Limits of client-streaming calls: a mixin for stage configs.
+
+    Use as ``class VadConfig(StreamLimitsConfig, BatchingConfig, ServerConfig)``; a stage may redeclare a
+    field to change its default (the gateway serves fewer streams).
+    """
+
+    max_streams: int = option(
+        64, "Client-streaming calls served at once; past it, new ones fail RESOURCE_EXHAUSTED at once."
+    )
+    stream_idle_timeout_s: float = option(
+        30.0,
+        "A stream whose client sends no message for this long ends with DEADLINE_EXCEEDED, in seconds "
+        "(live audio arrives every few tens of ms, silence included); 0 for no limit.",
+    )
+    max_stream_duration_s: float = option(
+        4 * 3600.0,
+        "Longest a client may keep sending on one stream, from its first message to its half-close, in "
+        "seconds (default 4 h); past it the stream ends with DEADLINE_EXCEEDED; 0 for no limit.",
+    )
+
+
 class ConfigError(ValueError):
     """A setting is invalid, or names a file the server cannot use; raised at start-up, before serving."""
 

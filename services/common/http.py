@@ -22,8 +22,8 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded, ParleyError, ResourceExhausted, Unavailable
-from services.common.resilience import Deadline
 
 # Time kept back from the caller's deadline to turn an HTTP failure into a status, in seconds.
 DEADLINE_MARGIN_S = 0.05

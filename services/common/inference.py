@@ -7,7 +7,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from services.common.batching import STAGE_CLOSE_TIMEOUT_S, BatchingConfig, DynamicBatcher
 
@@ -95,7 +95,7 @@ class BatchedPool:
         )
         if outcome.error is not None:
             raise outcome.error
-        return outcome.value
+        return cast(R, outcome.value)  # the value ``fn`` returned
 
     async def run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """:meth:`submit` at the lowest priority without a deadline (:class:`InferencePool`'s interface)."""

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=ServerConfig)
 E = TypeVar("E")
+M = TypeVar("M")
+B = TypeVar("B")
+S = TypeVar("S")
 
 REQUESTS = Counter(
     "parley_grpc_requests", "gRPC calls handled, by method and status code.", ["method", "code"]
@@ -66,7 +69,7 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
 
 
-class StatusMappingInterceptor(grpc.aio.ServerInterceptor):
+class StatusMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type stubs: its base classes are Any
     """Maps exceptions raised by servicers to gRPC status codes, and counts and times every call.
 
     :class:`ParleyError` subclasses become their status code with their message; any other exception
@@ -157,6 +160,25 @@ class Stage(Generic[C, E]):
     load: Callable[[C], E]
     add_servicers: Callable[[grpc.aio.Server, E, C], Callable[[float], Awaitable[None]] | None]
     close: Callable[[E], None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRuntime(Generic[M, B, S]):
+    """What a model stage's ``load`` wires, in this order: config -> engine -> batcher -> servicer.
+
+    Every model stage's ``__main__`` builds all three in its ``load`` (on the loading thread), registers
+    ``servicer`` in ``add_servicers`` and, in ``close``, stops ``batcher`` before releasing ``engine``.
+
+    Attributes:
+        engine: The loaded, warmed model wrapper (imports no grpc).
+        batcher: What queues the model calls: a :class:`~services.common.batching.DynamicBatcher`, or the
+            TTS voices' instance groups.
+        servicer: The proto servicer over ``engine`` and ``batcher``.
+    """
+
+    engine: M
+    batcher: B
+    servicer: S
 
 
 async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = None) -> None:

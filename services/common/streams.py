@@ -1,7 +1,7 @@
 """Bounds on client-streaming calls, shared by every stage that reads a client stream.
 
-* :class:`StreamLimitsConfig`: the ``--max-streams``, ``--stream-idle-timeout-s`` and
-  ``--max-stream-duration-s`` flags, a mixin for stage configs.
+* :class:`~services.common.config.StreamLimitsConfig` holds the ``--max-streams``,
+  ``--stream-idle-timeout-s`` and ``--max-stream-duration-s`` flags these enforce.
 * :class:`StreamSlots`: streams open at once, in all and per caller; past a bound, RESOURCE_EXHAUSTED at once
   (never a queue: a refused caller retries with backoff).
 * :func:`bounded_requests`: wraps a call's request iterator; a client that sends nothing for the idle timeout,
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import math
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
@@ -24,33 +23,10 @@ from typing import TypeVar
 import grpc
 
 from services.common.auth import token_name
-from services.common.config import flag, option
+from services.common.config import StreamLimitsConfig, flag
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 
 T = TypeVar("T")
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamLimitsConfig:
-    """Limits of client-streaming calls: a mixin for stage configs.
-
-    Use as ``class VadConfig(StreamLimitsConfig, BatchingConfig, ServerConfig)``; a stage may redeclare a
-    field to change its default (the gateway serves fewer streams).
-    """
-
-    max_streams: int = option(
-        64, "Client-streaming calls served at once; past it, new ones fail RESOURCE_EXHAUSTED at once."
-    )
-    stream_idle_timeout_s: float = option(
-        30.0,
-        "A stream whose client sends no message for this long ends with DEADLINE_EXCEEDED, in seconds "
-        "(live audio arrives every few tens of ms, silence included); 0 for no limit.",
-    )
-    max_stream_duration_s: float = option(
-        4 * 3600.0,
-        "Longest a client may keep sending on one stream, from its first message to its half-close, in "
-        "seconds (default 4 h); past it the stream ends with DEADLINE_EXCEEDED; 0 for no limit.",
-    )
 
 
 def caller_key(context: grpc.aio.ServicerContext) -> str:

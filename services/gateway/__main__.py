@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
-from parley.gateway.v1 import gateway_pb2_grpc
+from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.audio import SAMPLE_RATE_HZ
 from services.common.config import load_config
 from services.common.server import Stage, run
@@ -14,6 +14,8 @@ from services.gateway.config import GatewayConfig
 from services.gateway.downstream import Downstream
 from services.gateway.servicer import GatewayServicer
 from services.gateway.session import VAD_LOOKBACK_SAMPLES
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
 def _load(config: GatewayConfig) -> None:
@@ -41,7 +43,7 @@ def _add_servicers(
 
 STAGE: Stage[GatewayConfig, None] = Stage(
     name="gateway",
-    service_names=("parley.gateway.v1.Gateway",),
+    service_names=(SERVICE_NAME,),
     load=_load,
     add_servicers=_add_servicers,
 )

@@ -5,8 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from services.common.config import DEFAULT_PORTS, ServerConfig, option
-from services.common.streams import StreamLimitsConfig
+from services.common.config import DEFAULT_PORTS, ServerConfig, StreamLimitsConfig, option
 
 
 class CommitPolicy(enum.Enum):

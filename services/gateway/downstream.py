@@ -12,15 +12,8 @@ from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
 from parley.vad.v1 import vad_pb2_grpc
-from services.common.resilience import (
-    CircuitBreaker,
-    Clock,
-    Deadline,
-    Guard,
-    RetryBudget,
-    RetryPolicy,
-    SystemClock,
-)
+from services.common.deadlines import Clock, Deadline, SystemClock
+from services.common.resilience import CircuitBreaker, Guard, RetryBudget, RetryPolicy
 from services.common.telemetry import client_interceptors
 from services.common.tls import ClientTls, client_tls, open_channel
 from services.gateway.config import GatewayConfig

@@ -41,6 +41,7 @@ from services import subtitles as subs
 from services.common.audio import SAMPLE_RATE_HZ as RATE_HZ
 from services.common.audio import PcmStream, float_to_pcm16
 from services.common.config import flag
+from services.common.deadlines import Deadline, SystemClock
 from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -48,7 +49,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.common.resilience import Deadline, Guard, SystemClock
+from services.common.resilience import Guard
 from services.common.text import primary_language
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import stage_guards

@@ -10,8 +10,8 @@ import grpc
 from prometheus_client import Gauge
 
 from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.deadlines import Deadline
 from services.common.errors import InvalidArgument
-from services.common.resilience import Deadline
 from services.common.streams import StreamSlots, bounded_requests, caller_key
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import Downstream

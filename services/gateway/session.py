@@ -52,8 +52,9 @@ from parley.translate.v1 import translate_pb2
 from parley.tts.v1 import tts_pb2
 from parley.vad.v1 import vad_pb2
 from services.common.audio import SAMPLE_RATE_HZ, PcmStream, float_to_pcm16
+from services.common.deadlines import Deadline
 from services.common.errors import DataLoss, DeadlineExceeded, InvalidArgument
-from services.common.resilience import BreakerOpen, BreakerState, Deadline, error_code
+from services.common.resilience import BreakerOpen, BreakerState, error_code
 from services.common.telemetry import tracer
 from services.common.text import primary_language
 from services.gateway.config import CommitPolicy, GatewayConfig

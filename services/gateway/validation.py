@@ -27,8 +27,8 @@ from parley.gateway.v1 import gateway_pb2
 from parley.translate.v1 import translate_pb2
 from parley.tts.v1 import tts_pb2
 from services.common.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, check_format
+from services.common.deadlines import Deadline
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.resilience import Deadline
 from services.common.text import LANGUAGE_TAG, primary_language
 from services.gateway.downstream import Downstream
 from services.gateway.session import plan_mode

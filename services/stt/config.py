@@ -6,8 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from services.common.batching import BatchingConfig
-from services.common.config import ServerConfig, option
-from services.common.streams import StreamLimitsConfig
+from services.common.config import ServerConfig, StreamLimitsConfig, option
 from services.stt.streaming import Policy
 
 # Whisper's best-known hallucinations on silence and noise: subtitle credits and video outros learnt from

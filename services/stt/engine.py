@@ -45,10 +45,10 @@ from faster_whisper.transcribe import get_compression_ratio, get_suppressed_toke
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from services.common.audio import SAMPLE_RATE_HZ
+from services.common.deadlines import Deadline
 from services.common.devices import check_device
 from services.common.errors import InvalidArgument
 from services.common.models import resolve_whisper
-from services.common.resilience import Deadline
 from services.common.text import LANGUAGE_TAG, primary_language, tandem_repeats
 from services.stt.config import SttConfig
 from services.stt.filters import HallucinationGates, normalize_text, split_hallucinations

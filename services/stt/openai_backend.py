@@ -36,9 +36,9 @@ import numpy as np
 from faster_whisper.transcribe import get_compression_ratio
 
 from services.common.audio import float_to_pcm16, pcm16_to_wav
+from services.common.deadlines import Deadline
 from services.common.errors import InvalidArgument, ParleyError
 from services.common.http import HttpRejected, get_json, multipart_form, post_json
-from services.common.resilience import Deadline
 from services.stt.config import SttConfig
 from services.stt.engine import (
     SAMPLE_RATE_HZ,

@@ -32,10 +32,10 @@ import numpy as np
 
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import PcmStream, decode_pcm
-from services.common.batching import STAGE_CLOSE_TIMEOUT_S, DynamicBatcher, split_on_oom
+from services.common.batching import DynamicBatcher
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.inference import InferencePool
-from services.common.resilience import Deadline
 from services.common.streams import StreamSlots, bounded_requests
 from services.stt.config import SttConfig
 from services.stt.engine import DecodeOptions, Segment, SttBackend, Transcript, Window, merge_transcripts
@@ -95,32 +95,30 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
 
     Args:
         engine: The loaded, warmed backend (:class:`~services.stt.engine.SttBackend`).
-        config: Server settings (defaults, batching, streaming, limits).
+        batcher: Runs the backend's ``transcribe_batch`` on its instances, keyed by its ``batch_key``, with
+            at least :attr:`PRIORITY_LEVELS` priority levels (built by ``services.stt.__main__``).
+        config: Server settings (defaults, streaming, limits).
+
+    Raises:
+        ValueError: ``batcher`` has fewer than :attr:`PRIORITY_LEVELS` priority levels.
     """
 
-    def __init__(self, engine: SttBackend, config: SttConfig):
+    PRIORITY_LEVELS = _LEVELS
+
+    def __init__(self, engine: SttBackend, batcher: DynamicBatcher[Window, Transcript], config: SttConfig):
+        if batcher.config.priority_levels < _LEVELS:
+            raise ValueError(
+                f"the STT batcher needs {_LEVELS} priority levels, not {batcher.config.priority_levels}"
+            )
         self._engine = engine
         self._config = config
-        batching = dataclasses.replace(config, priority_levels=_LEVELS, instance_count=engine.workers)
-        self._batcher: DynamicBatcher[Window, Transcript] = DynamicBatcher(
-            "stt",
-            [split_on_oom(engine.transcribe_batch)] * batching.instance_count,
-            batching,
-            batch_key=engine.batch_key,
-        )
+        self._batcher = batcher
         self._vad_pool = InferencePool("stt-vad", 2)
         self._streams = StreamSlots("StreamingRecognize", config.max_streams, "max_streams")
 
     def close(self) -> None:
-        """Drops the queued windows, stops the batcher and VAD threads, closes the backend.
-
-        This runs after the server stopped, so the queued windows' calls are gone; the backend stays open
-        while a batch is still decoding (its thread is a daemon and ends with the process).
-        """
-        stopped = self._batcher.close(drain=False, timeout_s=STAGE_CLOSE_TIMEOUT_S)
+        """Stops the streaming VAD threads (the batcher and the backend are closed by their owner)."""
         self._vad_pool.close()
-        if stopped:
-            self._engine.close()
 
     async def _decode(
         self,

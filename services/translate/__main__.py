@@ -8,23 +8,19 @@ from collections.abc import Sequence
 
 import grpc
 
-from parley.translate.v1 import translate_pb2_grpc
+from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from services.common.batching import STAGE_CLOSE_TIMEOUT_S, DynamicBatcher, split_on_oom
 from services.common.config import load_config
-from services.common.server import Stage, run
+from services.common.server import ModelRuntime, Stage, run
 from services.translate.config import Backend, TranslateConfig
 from services.translate.engine import SentenceItem, TranslationEngine, batch_key, load_engine
-from services.translate.servicer import SERVICE_NAME, TranslationServicer
+from services.translate.servicer import TranslationServicer
 
 logger = logging.getLogger(__name__)
 
+SERVICE_NAME = translate_pb2.DESCRIPTOR.services_by_name["Translation"].full_name
 
-@dataclasses.dataclass
-class TranslateRuntime:
-    """The loaded engine and the dynamic batcher that feeds its model instances."""
-
-    engine: TranslationEngine
-    batcher: DynamicBatcher[SentenceItem, str]
+TranslateRuntime = ModelRuntime[TranslationEngine, DynamicBatcher[SentenceItem, str], TranslationServicer]
 
 
 def batcher_for(engine: TranslationEngine, config: TranslateConfig) -> DynamicBatcher[SentenceItem, str]:
@@ -52,22 +48,28 @@ def batcher_for(engine: TranslationEngine, config: TranslateConfig) -> DynamicBa
     return DynamicBatcher("translate", fns, settings, batch_key=batch_key)
 
 
-def _load(config: TranslateConfig) -> TranslateRuntime:
+def load(config: TranslateConfig) -> TranslateRuntime:
+    """Loads and warms the configured backend, then its batcher and the servicer.
+
+    Raises:
+        ValueError: Invalid batching settings, or an ``instance_count`` the backend cannot run.
+    """
     engine = load_engine(config)
     try:
-        return TranslateRuntime(engine, batcher_for(engine, config))
+        batcher = batcher_for(engine, config)
     except BaseException:
         engine.close()
         raise
+    return ModelRuntime(engine, batcher, TranslationServicer(engine, batcher))
 
 
-def _add_servicers(server: grpc.aio.Server, runtime: TranslateRuntime, config: TranslateConfig) -> None:
-    translate_pb2_grpc.add_TranslationServicer_to_server(
-        TranslationServicer(runtime.engine, runtime.batcher), server
-    )
+def add_servicers(server: grpc.aio.Server, runtime: TranslateRuntime, config: TranslateConfig) -> None:
+    """Registers ``parley.translate.v1.Translation`` on ``server``."""
+    translate_pb2_grpc.add_TranslationServicer_to_server(runtime.servicer, server)
 
 
-def _close(runtime: TranslateRuntime) -> None:
+def close(runtime: TranslateRuntime) -> None:
+    """Once the server has stopped: drops the queued sentences, then releases the model."""
     if runtime.batcher.close(drain=False, timeout_s=STAGE_CLOSE_TIMEOUT_S):
         runtime.engine.close()
 
@@ -75,9 +77,9 @@ def _close(runtime: TranslateRuntime) -> None:
 STAGE: Stage[TranslateConfig, TranslateRuntime] = Stage(
     name="translate",
     service_names=(SERVICE_NAME,),
-    load=_load,
-    add_servicers=_add_servicers,
-    close=_close,
+    load=load,
+    add_servicers=add_servicers,
+    close=close,
 )
 
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common.deadlines import Deadline
 from services.common.devices import check_device
 from services.common.errors import DeadlineExceeded, InvalidArgument
-from services.common.resilience import Deadline
 from services.translate.config import TranslateConfig
 from services.translate.context import SentenceContexts
 from services.translate.languages import (

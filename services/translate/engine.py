@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from services.common.deadlines import Deadline
 from services.common.errors import InvalidArgument, ParleyError
-from services.common.resilience import Deadline
 from services.common.text import primary_language, split_sentences
 from services.translate.config import Backend, LlmTransport, TranslateConfig
 from services.translate.context import SentenceContexts, TranslationContext, bound_context

@@ -18,9 +18,9 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from services.common.deadlines import Deadline
 from services.common.errors import ParleyError
 from services.common.http import post_json
-from services.common.resilience import Deadline
 from services.translate.config import TranslateConfig
 from services.translate.context import SentenceContexts, TranslationContext
 from services.translate.prompts import LanguageSet, LlmPair, chat_messages, clean_output, max_new_tokens

@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded, InvalidArgument, ParleyError
-from services.common.resilience import Deadline
 from services.translate.config import TranslateConfig
 from services.translate.context import SentenceContexts
 from services.translate.prompts import (

@@ -9,15 +9,13 @@ import grpc
 
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from services.common.batching import DynamicBatcher
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded, InvalidArgument
-from services.common.resilience import Deadline
 from services.common.telemetry import tracer
 from services.translate.context import TranslationContext
 from services.translate.engine import SentenceItem, TranslationEngine
 
 logger = logging.getLogger(__name__)
-
-SERVICE_NAME = translate_pb2.DESCRIPTOR.services_by_name["Translation"].full_name
 
 
 def batch_priority(priority: int, levels: int) -> int | None:

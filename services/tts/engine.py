@@ -3,11 +3,14 @@
 Backends:
 
 * ``piper``: a Piper VITS voice (``.onnx`` plus ``.onnx.json``) run with onnxruntime through piper-tts's
-  ``PiperVoice``. Each voice has its own :class:`~services.common.inference.BatchedPool`: an instance
-  group of ``piper_workers`` threads behind the dynamic batcher, in batches of one (piper-tts synthesizes
-  one utterance per call).
+  ``PiperVoice``.
 * ``espeak``: the espeak-ng command-line program (Debian package ``espeak-ng``), one process per call,
   writing a WAV file to stdout. It speaks every configured language espeak-ng has a voice for.
+
+Every voice runs on a :class:`~services.common.inference.BatchedPool` given to :class:`TtsEngine` (built by
+``services.tts.__main__``: an instance group behind the dynamic batcher, in batches of one, since a voice
+speaks one utterance per call). A sentence still queued when the caller's deadline passes is never spoken,
+and a stream stops at the first sentence that starts past it.
 
 Fallback chain: for a request naming a language, the voices whose primary language subtag matches are
 ranked Piper first (neural voices sound far better than formant synthesis), then by exact match of the
@@ -44,6 +47,7 @@ from typing import Protocol
 import numpy as np
 
 from services.common.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, float_to_pcm16, resample
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.inference import BatchedPool
 from services.common.text import LANGUAGE_TAG, primary_language, split_sentences
@@ -323,52 +327,19 @@ class TtsEngine:
         self._espeak_languages = {primary_language(lang) for lang in espeak_languages}
 
     @classmethod
-    def load(cls, config: TtsConfig) -> TtsEngine:
-        """Loads and warms the configured voices. Blocking.
+    def from_config(cls, voices: Sequence[tuple[Synthesizer, BatchedPool]], config: TtsConfig) -> TtsEngine:
+        """The engine over loaded voices (:func:`load_voices`), with the limits and cache of ``config``.
 
         Raises:
-            FileNotFoundError: A configured Piper voice file is missing.
-            FailedPrecondition: No voice at all could be loaded.
+            FailedPrecondition: ``voices`` is empty, or two voices share a name.
         """
-        voices: list[tuple[Synthesizer, BatchedPool]] = []
-        for entry in config.piper_voices:
-            synth = PiperSynthesizer(piper_model_path(entry), threads=config.piper_threads)
-            synth.synthesize(_WARM_UP_TEXT, 1.0)
-            voices.append((synth, BatchedPool(f"tts-{synth.info.name}", config.piper_workers)))
-            logger.info(
-                "piper voice %s (%s, %d Hz) loaded",
-                synth.info.name,
-                synth.info.language,
-                synth.info.sample_rate_hz,
-            )
-        executable = shutil.which(config.espeak_path)
-        if executable is None:
-            logger.warning(
-                "espeak-ng (%s) not found: serving Piper voices only; for other languages %s",
-                config.espeak_path,
-                ESPEAK_PACKAGE_HINT,
-            )
-        else:
-            espeak_pool = BatchedPool("tts-espeak", config.espeak_workers)
-            loaded: set[str] = set()
-            for language in config.espeak_languages:
-                espeak_voice = find_espeak_voice(executable, language)
-                if espeak_voice is None:
-                    logger.warning("espeak-ng has no voice for %s: not loaded", language)
-                    continue
-                if espeak_voice in loaded:
-                    continue
-                espeak = EspeakSynthesizer(executable, espeak_voice, config.espeak_timeout_s)
-                voices.append((espeak, espeak_pool))
-                loaded.add(espeak_voice)
-                logger.info("espeak-ng voice %s (%s) loaded", espeak.info.name, espeak.info.language)
         return cls(
             voices,
             cache_bytes=config.cache_mb << 20,
             max_text_chars=config.max_text_chars,
             max_audio_s=config.max_audio_s,
             default_language=config.default_language,
-            espeak_available=executable is not None,
+            espeak_available=shutil.which(config.espeak_path) is not None,
             espeak_languages=config.espeak_languages,
         )
 
@@ -468,19 +439,32 @@ class TtsEngine:
                 "(--max-audio-s): split it, or speak faster"
             )
 
-    async def _render(self, request: _Request, text: str) -> Synthesis:
+    async def _render(self, request: _Request, text: str, deadline: Deadline) -> Synthesis:
+        if deadline.expired():
+            raise DeadlineExceeded("the caller's deadline passed before the text was spoken")
         key = (text, request.synthesizer.info.name, request.rate, request.sample_rate_hz)
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        result = await request.pool.run(
-            render, request.synthesizer, text, request.rate, request.sample_rate_hz
+        result = await request.pool.submit(
+            render,
+            request.synthesizer,
+            text,
+            request.rate,
+            request.sample_rate_hz,
+            timeout_s=deadline.remaining_s(),
         )
         self.cache.put(key, result)
         return result
 
     async def synthesize(
-        self, text: str, language: str = "", voice: str = "", rate: float = 1.0, sample_rate_hz: int = 0
+        self,
+        text: str,
+        language: str = "",
+        voice: str = "",
+        rate: float = 1.0,
+        sample_rate_hz: int = 0,
+        deadline: Deadline | None = None,
     ) -> Synthesis:
         """Speaks the whole text as one payload.
 
@@ -490,36 +474,47 @@ class TtsEngine:
             voice: Voice name from :meth:`voices`; empty for the language's best.
             rate: Speed multiplier in [0.25, 4]; 0 means 1.0.
             sample_rate_hz: Output rate in Hz; 0 for the voice's own.
+            deadline: The caller's deadline (None: none); a text still queued past it is never spoken.
 
         Raises:
             InvalidArgument: Empty or too long text, text with control characters (other than tab and line
                 breaks), a bad rate, sample rate, language or voice, text with nothing to speak (only
                 punctuation), or more than ``max_audio_s`` seconds of audio.
             FailedPrecondition: No voice for the language.
+            DeadlineExceeded: The deadline passed before the audio was ready.
+            ResourceExhausted: The voice's queue is full.
         """
         request = self._request(text, language, voice, rate, sample_rate_hz)
-        result = await self._render(request, request.text)
+        result = await self._render(request, request.text, deadline or Deadline(None))
         if not result.pcm:
             raise InvalidArgument("text has nothing to speak (only punctuation or symbols)")
         self._check_duration(result.duration_s)
         return result
 
     async def synthesize_stream(
-        self, text: str, language: str = "", voice: str = "", rate: float = 1.0, sample_rate_hz: int = 0
+        self,
+        text: str,
+        language: str = "",
+        voice: str = "",
+        rate: float = 1.0,
+        sample_rate_hz: int = 0,
+        deadline: Deadline | None = None,
     ) -> AsyncIterator[tuple[str, Synthesis, bool]]:
         """Speaks the text sentence by sentence, yielding each sentence's audio as soon as it is ready.
 
         The next sentence is synthesized while the caller handles the current one. A sentence with nothing
         to speak yields empty audio. Arguments and errors as :meth:`synthesize`; errors about the request
         are raised before the first sentence, except that going past ``max_audio_s`` (measured after each
-        sentence) ends the stream there.
+        sentence) ends the stream there, and so does the deadline: no sentence is started, or left queued,
+        past it (DEADLINE_EXCEEDED).
 
         Yields:
             (sentence, its audio, whether it is the last sentence), in order.
         """
         request = self._request(text, language, voice, rate, sample_rate_hz)
         sentences = split_sentences(request.text) or [request.text]
-        pending = asyncio.ensure_future(self._render(request, sentences[0]))
+        deadline = deadline or Deadline(None)
+        pending = asyncio.ensure_future(self._render(request, sentences[0], deadline))
         total_s = 0.0
         try:
             for i, sentence in enumerate(sentences):
@@ -527,7 +522,7 @@ class TtsEngine:
                 total_s += result.duration_s
                 self._check_duration(total_s)
                 if i + 1 < len(sentences):
-                    pending = asyncio.ensure_future(self._render(request, sentences[i + 1]))
+                    pending = asyncio.ensure_future(self._render(request, sentences[i + 1], deadline))
                 yield sentence, result, i + 1 == len(sentences)
         finally:
             if not pending.done():
@@ -535,10 +530,48 @@ class TtsEngine:
             elif not pending.cancelled():
                 pending.exception()  # retrieved, so an abandoned stream logs no "never retrieved" error
 
-    def close(self) -> None:
-        """Stops every pool: queued calls dropped, a running one waited for a bounded time."""
-        for pool in {id(pool): pool for _, pool in self._voices}.values():
-            pool.close()
+
+def load_voices(config: TtsConfig) -> list[Synthesizer]:
+    """Loads and warms the configured Piper voices, then the espeak-ng voices of its languages. Blocking.
+
+    Returns:
+        The voices, Piper first, each in configuration order; empty when none could be loaded.
+
+    Raises:
+        FileNotFoundError: A configured Piper voice file is missing.
+    """
+    voices: list[Synthesizer] = []
+    for entry in config.piper_voices:
+        synth = PiperSynthesizer(piper_model_path(entry), threads=config.piper_threads)
+        synth.synthesize(_WARM_UP_TEXT, 1.0)
+        voices.append(synth)
+        logger.info(
+            "piper voice %s (%s, %d Hz) loaded",
+            synth.info.name,
+            synth.info.language,
+            synth.info.sample_rate_hz,
+        )
+    executable = shutil.which(config.espeak_path)
+    if executable is None:
+        logger.warning(
+            "espeak-ng (%s) not found: serving Piper voices only; for other languages %s",
+            config.espeak_path,
+            ESPEAK_PACKAGE_HINT,
+        )
+        return voices
+    loaded: set[str] = set()
+    for language in config.espeak_languages:
+        espeak_voice = find_espeak_voice(executable, language)
+        if espeak_voice is None:
+            logger.warning("espeak-ng has no voice for %s: not loaded", language)
+            continue
+        if espeak_voice in loaded:
+            continue
+        espeak = EspeakSynthesizer(executable, espeak_voice, config.espeak_timeout_s)
+        voices.append(espeak)
+        loaded.add(espeak_voice)
+        logger.info("espeak-ng voice %s (%s) loaded", espeak.info.name, espeak.info.language)
+    return voices
 
 
 def piper_model_path(entry: str) -> Path:

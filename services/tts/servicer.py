@@ -8,6 +8,7 @@ import grpc
 
 from parley.audio.v1 import audio_pb2
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
+from services.common.deadlines import Deadline
 from services.tts.engine import Synthesis, TtsEngine
 
 SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["SpeechSynthesis"].full_name
@@ -19,8 +20,16 @@ def _format(result: Synthesis) -> audio_pb2.AudioFormat:
     )
 
 
+def _speech(request: tts_pb2.SynthesizeRequest) -> tuple[str, str, str, float, int]:
+    """The engine's (text, language, voice, rate, sample_rate_hz) arguments of a request."""
+    return request.text, request.language, request.voice, request.speaking_rate, request.sample_rate_hz
+
+
 class SpeechSynthesisServicer(tts_pb2_grpc.SpeechSynthesisServicer):
     """Serves synthesis from one :class:`TtsEngine`. Engine errors become status codes in the interceptor.
+
+    Every call passes its deadline (``context.time_remaining()``) to the engine: a sentence still queued
+    when it passes is never synthesized, and a stream ends there with DEADLINE_EXCEEDED.
 
     Args:
         engine: The loaded voices and result cache.
@@ -33,9 +42,8 @@ class SpeechSynthesisServicer(tts_pb2_grpc.SpeechSynthesisServicer):
         self, request: tts_pb2.SynthesizeRequest, context: grpc.aio.ServicerContext
     ) -> tts_pb2.SynthesizeResponse:
         """Speaks the whole text; PCM_S16LE mono audio in one response."""
-        result = await self._engine.synthesize(
-            request.text, request.language, request.voice, request.speaking_rate, request.sample_rate_hz
-        )
+        deadline = Deadline.after(context.time_remaining())
+        result = await self._engine.synthesize(*_speech(request), deadline)
         return tts_pb2.SynthesizeResponse(
             request_id=request.request_id,
             audio=result.pcm,
@@ -48,9 +56,8 @@ class SpeechSynthesisServicer(tts_pb2_grpc.SpeechSynthesisServicer):
         self, request: tts_pb2.SynthesizeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tts_pb2.SynthesizeStreamResponse]:
         """Speaks the text sentence by sentence; one response per sentence, ``is_last`` on the final one."""
-        stream = self._engine.synthesize_stream(
-            request.text, request.language, request.voice, request.speaking_rate, request.sample_rate_hz
-        )
+        deadline = Deadline.after(context.time_remaining())
+        stream = self._engine.synthesize_stream(*_speech(request), deadline)
         index = 0
         async for sentence, result, is_last in stream:
             yield tts_pb2.SynthesizeStreamResponse(

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.batching import BatchingConfig
-from services.common.config import ServerConfig, option
-from services.common.streams import StreamLimitsConfig
+from services.common.config import ServerConfig, StreamLimitsConfig, option
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,6 @@ from services.vad.engine import (
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = vad_pb2.DESCRIPTOR.services_by_name["VoiceActivityDetection"].full_name
-
 
 def resolve_params(request: vad_pb2.VadParameters, config: VadConfig) -> VadParams:
     """Request parameters, each unset field taking the configured default.

@@ -18,8 +18,8 @@ import pytest
 
 from benchmarks.metrics import chrf
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded
-from services.common.resilience import Deadline
 from services.harness import batch_counts, free_port, start_server
 from services.translate.config import TranslateConfig
 from services.translate.llama import EmbeddedLlamaBackend

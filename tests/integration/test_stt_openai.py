@@ -31,6 +31,7 @@ from services.stt.endpointing import SileroSession
 from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import float_to_pcm16
+from services.common.deadlines import Deadline
 from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -40,7 +41,6 @@ from services.common.errors import (
 )
 from services.common.http import multipart_form, post_json
 from services.common.models import silero_vad_path
-from services.common.resilience import Deadline
 from services.harness import read_wav, start_server
 from services.stt.config import DEFAULT_HALLUCINATION_PHRASES, VOXTRAL_LANGUAGES
 from services.stt.filters import HallucinationGates

@@ -18,8 +18,8 @@ import grpc
 import pytest
 
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded, ParleyError, Unavailable
-from services.common.resilience import Deadline
 from services.harness import start_server
 from services.translate.http_chat import HttpChatBackend
 from services.translate.prompts import LlmPair

@@ -7,13 +7,13 @@ import random
 import grpc
 import pytest
 
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded
 from services.common.resilience import (
     BREAKER_STATE,
     BreakerOpen,
     BreakerState,
     CircuitBreaker,
-    Deadline,
     Guard,
     RetryBudget,
     RetryPolicy,

@@ -12,8 +12,10 @@ from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2
 from parley.vad.v1 import vad_pb2
 from services.common.batching import DynamicBatcher
+from services.common.config import StreamLimitsConfig
 from services.common.errors import DeadlineExceeded, ResourceExhausted
-from services.common.streams import StreamLimitsConfig, StreamSlots, bounded_requests, caller_key
+from services.common.streams import StreamSlots, bounded_requests, caller_key
+from services.stt.__main__ import batcher_for
 from services.stt.config import SttConfig
 from services.stt.engine import DecodeOptions
 from services.stt.servicer import SpeechToTextServicer
@@ -162,7 +164,9 @@ STT_CONFIG = stt_pb2.StreamingRecognizeRequest(
 
 async def test_stt_streaming_recognize_has_a_stream_limit_and_an_idle_timeout():
     config = SttConfig(max_queue_delay_ms=20.0, max_streams=1, stream_idle_timeout_s=0.3)
-    servicer = SpeechToTextServicer(StreamingBackend(), config)  # type: ignore[arg-type]
+    backend = StreamingBackend()
+    batcher = batcher_for(backend, config)  # type: ignore[arg-type]
+    servicer = SpeechToTextServicer(backend, batcher, config)  # type: ignore[arg-type]
     try:
         held = asyncio.ensure_future(
             _drain(servicer.StreamingRecognize(paced([STT_CONFIG], 0, 10), Context()))
@@ -175,4 +179,5 @@ async def test_stt_streaming_recognize_has_a_stream_limit_and_an_idle_timeout():
         audio = stt_pb2.StreamingRecognizeRequest(audio_content=b"\0\0" * 1600)
         assert await _drain(servicer.StreamingRecognize(paced([STT_CONFIG, audio], 0), Context())) == []
     finally:
+        batcher.close()
         servicer.close()

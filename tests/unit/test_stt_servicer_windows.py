@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from services.common.batching import DynamicBatcher
+from services.stt.__main__ import batcher_for
 from services.stt.config import SttConfig
 from services.stt.engine import DecodeOptions, Segment, Transcript, Window
 from services.stt.servicer import SpeechToTextServicer
@@ -67,18 +69,25 @@ class Context:
         return None
 
 
-def servicer(backend: FakeBackend, **config) -> SpeechToTextServicer:
-    return SpeechToTextServicer(backend, SttConfig(max_queue_delay_ms=20.0, **config))  # type: ignore[arg-type]
+def servicer(backend: FakeBackend, **config) -> tuple[SpeechToTextServicer, DynamicBatcher]:
+    settings = SttConfig(max_queue_delay_ms=20.0, **config)
+    batcher = batcher_for(backend, settings)  # type: ignore[arg-type]
+    return SpeechToTextServicer(backend, batcher, settings), batcher  # type: ignore[arg-type]
+
+
+def close(stt: SpeechToTextServicer, batcher: DynamicBatcher) -> None:
+    batcher.close()
+    stt.close()
 
 
 async def test_language_is_detected_on_the_first_window_then_given_to_the_others():
     backend = FakeBackend()
-    stt = servicer(backend)
+    stt, batcher = servicer(backend)
     try:
         audio = np.zeros(int(100 * 16000), np.float32)  # four windows
         result = await stt._decode(audio, DecodeOptions(language=None), Context(), 2)
     finally:
-        await asyncio.to_thread(stt.close)
+        await asyncio.to_thread(close, stt, batcher)
     assert [len(b) for b in backend.batches][0] == 1 and backend.batches[0][0].options.language is None
     assert all(w.options.language == "fr" for b in backend.batches[1:] for w in b)
     assert result.text == "[0-30 None] [30-60 fr] [60-90 fr] [90-100 fr]"
@@ -87,19 +96,19 @@ async def test_language_is_detected_on_the_first_window_then_given_to_the_others
 
 async def test_a_long_request_never_has_more_than_max_windows_in_flight():
     backend = FakeBackend()
-    stt = servicer(backend, max_batch_size=8, max_windows_in_flight=2)
+    stt, batcher = servicer(backend, max_batch_size=8, max_windows_in_flight=2)
     try:
         audio = np.zeros(int(300 * 16000), np.float32)  # ten windows, language given
         result = await stt._decode(audio, DecodeOptions(language="en"), Context(), 2)
     finally:
-        await asyncio.to_thread(stt.close)
+        await asyncio.to_thread(close, stt, batcher)
     assert sum(len(b) for b in backend.batches) == 10 and len(result.segments) == 10
     assert max(len(b) for b in backend.batches) <= 2
 
 
 async def test_a_short_request_is_decoded_between_the_windows_of_a_long_one():
     backend = FakeBackend(compute_s=0.05)
-    stt = servicer(backend, max_batch_size=8, max_windows_in_flight=1)
+    stt, batcher = servicer(backend, max_batch_size=8, max_windows_in_flight=1)
     done: list[str] = []
 
     async def decode(name: str, seconds: float) -> None:
@@ -113,5 +122,5 @@ async def test_a_short_request_is_decoded_between_the_windows_of_a_long_one():
         await decode("short", 3)
         await long
     finally:
-        await asyncio.to_thread(stt.close)
+        await asyncio.to_thread(close, stt, batcher)
     assert done == ["short", "long"]

@@ -13,8 +13,9 @@ from parley.gateway.v1 import gateway_pb2
 from parley.stt.v1 import stt_pb2
 from parley.translate.v1 import translate_pb2
 from parley.vad.v1 import vad_pb2
+from services.common.deadlines import Deadline, SystemClock
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.resilience import BreakerState, Deadline, SystemClock
+from services.common.resilience import BreakerState
 from services.gateway.config import GatewayConfig
 from services.gateway.downstream import stage_guards
 from services.gateway.file_job import FileJobSettings, FileTranslator

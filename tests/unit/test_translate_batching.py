@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from services.common.batching import BatchError, BatchingConfig, DynamicBatcher
+from services.common.deadlines import Deadline
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.common.resilience import Deadline
 from services.translate.engine import TranslationEngine, batch_key
 from services.translate.servicer import batch_priority, submit_all
 

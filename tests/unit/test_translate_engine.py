@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded, InvalidArgument, ParleyError
-from services.common.resilience import Deadline
 from services.translate.engine import TranslationEngine, cut_long
 
 

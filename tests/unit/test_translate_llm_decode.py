@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded, InvalidArgument
-from services.common.resilience import Deadline
 from services.translate.llama import greedy_decode, loop_length
 
 END = 1  # end of generation

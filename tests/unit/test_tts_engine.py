@@ -12,8 +12,9 @@ import wave
 import numpy as np
 import pytest
 
-from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.inference import InferencePool
+from services.common.deadlines import Deadline
+from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from services.common.inference import BatchedPool
 from services.tts.cache import ByteLruCache
 from services.tts.engine import (
     ESPEAK,
@@ -43,7 +44,7 @@ class FakeVoice:
 
 
 def make_engine(*voices: FakeVoice, **kwargs) -> TtsEngine:
-    return TtsEngine([(v, InferencePool(v.info.name)) for v in voices], **kwargs)
+    return TtsEngine([(v, BatchedPool(v.info.name)) for v in voices], **kwargs)
 
 
 @pytest.fixture
@@ -269,3 +270,20 @@ def test_parse_wav_stream(streamed):
     np.testing.assert_array_equal(parsed, samples)
     with pytest.raises(ValueError):
         _parse_wav_stream(b"not a wav file")
+
+
+async def test_past_the_deadline_nothing_is_synthesized_and_a_stream_stops(voices):
+    piper_en = voices[0]
+    engine = make_engine(*voices)
+    with pytest.raises(DeadlineExceeded):
+        await engine.synthesize("hello", "en", deadline=Deadline.after(-1.0))
+    assert piper_en.calls == []
+    voice = GatedVoice()
+    gated = make_engine(voice)
+    stream = gated.synthesize_stream("One. Two. Three.", "en", deadline=Deadline.after(0.2))
+    await stream.__anext__()  # sentence two waits at the gate until the deadline has passed
+    await asyncio.sleep(0.3)
+    voice.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        [c async for c in stream]
+    assert len(voice.calls) <= 2  # sentence three was never started
