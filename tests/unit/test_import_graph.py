@@ -132,7 +132,8 @@ def test_engine_imports_no_grpc(module):
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )
-    missing_dependency = "ModuleNotFoundError" in result.stderr and "No module named 'services" not in result.stderr
+    stderr = result.stderr
+    missing_dependency = "ModuleNotFoundError" in stderr and "No module named 'services" not in stderr
     if result.returncode != 0 and missing_dependency:
         pytest.skip(f"{module} needs an optional dependency: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr
