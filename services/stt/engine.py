@@ -226,6 +226,9 @@ class SttBackend(Protocol):
 
     sample_rate_hz: int
     workers: int
+    # The backend returns word timings (streaming commits need words; without them, a segment's words are
+    # spread over its span).
+    word_timestamps: bool
 
     def options(
         self,
@@ -422,6 +425,7 @@ class WhisperEngine:
     """
 
     sample_rate_hz = SAMPLE_RATE_HZ
+    word_timestamps = True
 
     def __init__(self, config: SttConfig):
         bad = [b for b in config.window_buckets_s if not 0 < b <= MAX_WINDOW_S]

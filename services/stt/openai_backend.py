@@ -92,6 +92,7 @@ class OpenAiTranscriptionBackend:
     """
 
     sample_rate_hz = SAMPLE_RATE_HZ
+    word_timestamps = False
     # Batcher instances sending batches at once: the next batch forms and goes out while one waits.
     HTTP_INSTANCES = 2
     # Timeout of the start-up look at ``GET {base_url}/models``, in seconds.

@@ -330,12 +330,29 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
 
 
 def _timed_words(transcript: Transcript, offset_ms: int) -> list[TimedWord]:
-    """The transcript's words with stream times (``offset_ms`` is the stream time of its audio's start)."""
-    return [
-        TimedWord(w.word, offset_ms + _ms(w.start_s), offset_ms + _ms(w.end_s), w.probability)
-        for segment in transcript.segments
-        for w in segment.words
-    ]
+    """The transcript's words with stream times (``offset_ms`` is the stream time of its audio's start).
+
+    A segment without word timings (a backend that gives none) has its words spread over its span in
+    proportion to their lengths in characters: an estimate, enough for agreement and clause cuts.
+    """
+    words = []
+    for segment in transcript.segments:
+        if segment.words:
+            words += [
+                TimedWord(w.word, offset_ms + _ms(w.start_s), offset_ms + _ms(w.end_s), w.probability)
+                for w in segment.words
+            ]
+            continue
+        pieces = [f" {piece}" for piece in segment.text.split()]
+        total = sum(len(p) for p in pieces) or 1
+        start_s, span_s, done = segment.start_s, segment.end_s - segment.start_s, 0
+        for piece in pieces:
+            begin_s = start_s + span_s * done / total
+            done += len(piece)
+            words.append(
+                TimedWord(piece, offset_ms + _ms(begin_s), offset_ms + _ms(start_s + span_s * done / total))
+            )
+    return words
 
 
 def _word_pb(word: TimedWord) -> stt_pb2.Word:
@@ -368,7 +385,7 @@ class _Stream:
             language=recognition.language,
             translate=recognition.task == stt_pb2.TRANSLATE,
             beam_size=recognition.beam_size,
-            word_timestamps=True,
+            word_timestamps=engine.word_timestamps,
             hotwords=recognition.hotwords,
             vad_filter=False,
         )

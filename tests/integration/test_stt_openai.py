@@ -26,7 +26,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from services.stt.endpointing import SileroSession
 
 from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
@@ -40,7 +39,6 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.http import multipart_form, post_json
-from services.common.models import silero_vad_path
 from services.harness import read_wav, start_server
 from services.stt.config import DEFAULT_HALLUCINATION_PHRASES, VOXTRAL_LANGUAGES
 from services.stt.filters import HallucinationGates
@@ -190,14 +188,7 @@ def fresh_endpoint_state() -> Iterator[None]:
     FakeTranscriptions.verbose_json = True
 
 
-@pytest.fixture(scope="module")
-def silero() -> SileroSession:
-    return SileroSession(silero_vad_path())
-
-
-def make_backend(
-    url: str, silero: SileroSession, timeout_s: float = TIMEOUT_S, **kwargs
-) -> OpenAiTranscriptionBackend:
+def make_backend(url: str, timeout_s: float = TIMEOUT_S, **kwargs) -> OpenAiTranscriptionBackend:
     settings: dict[str, Any] = {
         "model": MODEL,
         "api_key": API_KEY,
@@ -205,15 +196,14 @@ def make_backend(
         "languages": VOXTRAL_LANGUAGES,
         "concurrency": 4,
         "gates": HallucinationGates(phrases=DEFAULT_HALLUCINATION_PHRASES),
-        "vad": silero,
         **kwargs,
     }
     return OpenAiTranscriptionBackend(url, **settings)
 
 
 @pytest.fixture
-def backend(endpoint, silero) -> Iterator[OpenAiTranscriptionBackend]:
-    b = make_backend(endpoint, silero)
+def backend(endpoint) -> Iterator[OpenAiTranscriptionBackend]:
+    b = make_backend(endpoint)
     yield b
     b.close()
 
@@ -292,9 +282,9 @@ def test_hallucinated_segments_are_dropped_and_clamped_to_the_audio(backend):
     assert [(s.text, s.start_s, s.end_s) for s in result.dropped] == [(" Thanks for watching!", 1.8, 2.0)]
 
 
-def test_without_verbose_json_the_text_is_one_segment_and_json_is_kept(endpoint, silero):
+def test_without_verbose_json_the_text_is_one_segment_and_json_is_kept(endpoint):
     FakeTranscriptions.verbose_json = False
-    backend = make_backend(endpoint, silero)
+    backend = make_backend(endpoint)
     try:
         for duration_s in (1.0, 1.25):
             (result,) = transcribe(backend, tone(duration_s), language="de")
@@ -335,8 +325,8 @@ def test_beam_size_is_ignored(backend):
         ("__hang__", Unavailable, "did not answer within 0.5 s"),
     ],
 )
-def test_endpoint_failures_raise_mapped_errors(endpoint, silero, prompt, error, snippet):
-    backend = make_backend(endpoint, silero, timeout_s=0.5)
+def test_endpoint_failures_raise_mapped_errors(endpoint, prompt, error, snippet):
+    backend = make_backend(endpoint, timeout_s=0.5)
     try:
         with pytest.raises(error, match=re.escape(snippet)):
             transcribe(backend, tone(0.5), initial_prompt=prompt)
@@ -345,9 +335,9 @@ def test_endpoint_failures_raise_mapped_errors(endpoint, silero, prompt, error, 
         backend.close()
 
 
-def test_wrong_model_and_unreachable_endpoint(endpoint, silero):
-    wrong = make_backend(endpoint, silero, model="whisper-large")
-    unreachable = make_backend("http://127.0.0.1:9/v1", silero)  # discard port: nothing listens
+def test_wrong_model_and_unreachable_endpoint(endpoint):
+    wrong = make_backend(endpoint, model="whisper-large")
+    unreachable = make_backend("http://127.0.0.1:9/v1")  # discard port: nothing listens
     try:
         with pytest.raises(ParleyError, match="HTTP 404: .*whisper-large"):
             transcribe(wrong, tone(0.5))
@@ -370,14 +360,14 @@ def test_the_caller_deadline_caps_the_shared_http_timeout(endpoint):
         post_json(url, body, content_type, AUTH, Deadline.after(0.0), 10.0, "transcription endpoint")
 
 
-def test_warm_needs_no_endpoint(endpoint, silero, caplog):
+def test_warm_needs_no_endpoint(endpoint, caplog):
     caplog.set_level(logging.INFO, logger="services.stt.openai_backend")
     for url, level, snippet in (
         (endpoint, logging.INFO, f"serves {MODEL}"),
         ("http://127.0.0.1:9/v1", logging.WARNING, "requests fail until it answers"),
     ):
         caplog.clear()
-        backend = make_backend(url, silero)
+        backend = make_backend(url)
         try:
             backend.warm()
         finally:
@@ -485,11 +475,13 @@ def test_a_hung_endpoint_and_a_short_deadline_is_deadline_exceeded(stub):
 
 
 def test_streaming_recognize_finals_carry_each_utterance(stub):
+    """The endpoint gives segment times only: commits come from words spread over their segment."""
     row = read_manifest("jfk")[0]
     pcm, rate = read_wav(row["path"])
     assert rate == RATE
-    pcm += bytes(2 * RATE)  # a second of silence ends the last utterance
     step = 2 * RATE // 10
+    boundary = stt_pb2.SpeechBoundary
+    utterances_ms = [(0, 4000), (5000, 9000)]
 
     def requests():
         yield stt_pb2.StreamingRecognizeRequest(
@@ -497,19 +489,31 @@ def test_streaming_recognize_finals_carry_each_utterance(stub):
                 request_id="s",
                 format=audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE, channels=1),
                 config=stt_pb2.RecognitionConfig(language="en"),
+                commit_policy=stt_pb2.UTTERANCE,
+                caller_endpointing=True,
             )
         )
         for start in range(0, len(pcm), step):
             yield stt_pb2.StreamingRecognizeRequest(audio_content=pcm[start : start + step])
+            position_ms = (start + step) // 2 * 1000 // RATE
+            for start_ms, end_ms in utterances_ms:
+                if position_ms - step // 2 * 1000 // RATE < start_ms + 1 <= position_ms:
+                    yield stt_pb2.StreamingRecognizeRequest(
+                        boundary=boundary(kind=boundary.START, at_ms=start_ms)
+                    )
+                if position_ms - step // 2 * 1000 // RATE < end_ms <= position_ms:
+                    yield stt_pb2.StreamingRecognizeRequest(
+                        boundary=boundary(kind=boundary.END, at_ms=end_ms)
+                    )
 
     responses = list(stub.StreamingRecognize(requests(), timeout=60))
     finals = [r for response in responses for r in response.results if r.is_final]
-    assert finals, "JFK's speech makes at least one utterance"
+    assert [(r.start_ms, r.end_ms) for r in finals] == utterances_ms
     for result in finals:
         duration_s, language, _, task = heard(result.transcript)
         assert (language, task) == ("en", "transcribe")
-        # The endpoint heard exactly the utterance's audio.
+        # The endpoint heard exactly the utterance's audio, once (utterance policy: one decode at the end).
         assert duration_s == pytest.approx((result.end_ms - result.start_ms) / 1000, abs=0.011)
-        assert result.segments[0].start_ms == result.start_ms
+        words = [w for s in result.segments for w in s.words]
+        assert words and words[0].start_ms >= result.start_ms and words[-1].end_ms <= result.end_ms + 1
     assert len(FakeTranscriptions.received) == len(finals)
-    assert finals[-1].end_ms <= len(pcm) // 2 * 1000 // RATE

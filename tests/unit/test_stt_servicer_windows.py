@@ -26,6 +26,7 @@ class FakeBackend:
 
     sample_rate_hz = 16000
     workers = 1
+    word_timestamps = True
 
     def __init__(self, compute_s: float = 0.02):
         self.batches: list[list[Window]] = []
