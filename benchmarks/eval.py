@@ -258,10 +258,7 @@ async def _subtitles(addresses: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def eval_latency(address: str) -> dict[str, Any]:
-    recordings = bench_gateway._recordings()
-    asyncio.run(bench_gateway._level(address, recordings[:1], 1))  # warm-up, not counted
-    samples = asyncio.run(bench_gateway._level(address, recordings, 1))
-    return {"client_s": [s["client_s"] for s in samples], "gateway_s": [s["gateway_s"] for s in samples]}
+    return bench_gateway.fleurs_latency(address)
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -440,8 +437,10 @@ def write_report(
     if latency and latency["client_s"]:
         out.append(
             "benchmarks/bench_gateway.py, one stream at real time over the FLEURS recordings "
-            "(en->fr, fr->en, "
-            "synthesised speech on): end of speech to the first translated audio byte, in seconds.\n"
+            "(en->fr, fr->en, synthesised speech on, the live path's default commit policy): end of speech "
+            "to the first audio byte of the utterance's last clause (the translation of the words said last "
+            "begins), in seconds. Client clock: from when the end of speech was sent; gateway clock: from "
+            "when the VAD's pause or end event for that clause reached the gateway.\n"
         )
         out.append(
             _table(

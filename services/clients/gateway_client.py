@@ -189,7 +189,7 @@ class Collector:
             result.translation = f"{result.translation} {response.translation.text}".strip()
         elif kind == "audio":
             result.audio += response.audio.audio
-            result.audio_rate_hz = response.audio.format.sample_rate_hz
+            result.audio_rate_hz = response.audio.format.sample_rate_hz or result.audio_rate_hz
         elif kind == "clause_timings":
             t = response.clause_timings
             result.clause_timings.append({f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields})

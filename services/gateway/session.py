@@ -160,6 +160,7 @@ class Utterance:
     clause_start_ms: int = 0
     clauses: list[Clause] = field(default_factory=list)
     sentences: int = 0  # audio sentence chunks sent
+    audio_format: audio_pb2.AudioFormat | None = None  # of the chunks sent
     failed_stages: set[str] = field(default_factory=set)  # stages an error event was sent for
     stt_span: Any = None
     events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
@@ -925,7 +926,10 @@ class StreamSession:
             utterance = item
             if utterance.sentences:
                 last = gateway_pb2.SynthesizedAudio(
-                    is_last=True, sentence_index=utterance.sentences, clause_index=len(utterance.clauses) - 1
+                    format=utterance.audio_format,
+                    is_last=True,
+                    sentence_index=utterance.sentences,
+                    clause_index=len(utterance.clauses) - 1,
                 )
                 self._emit(utterance, audio=last)
             if utterance.final_sent:
@@ -967,6 +971,7 @@ class StreamSession:
                     ),
                 )
                 utterance.sentences += 1
+                utterance.audio_format = chunk.format
 
         try:
             await self._stage_call(utterance, "tts", stream(), **{"text.chars": len(clause.text)})
