@@ -24,7 +24,7 @@ from benchmarks.metrics import chrf, wer
 from parley.audio.v1 import audio_pb2
 from parley.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
-from services.clients.gateway_client import Collector, GatewayClient, split_pcm
+from services.clients.gateway_client import Collector, GatewayClient, paced, split_pcm
 from services.harness import free_port, read_wav, start_server
 from tests.helpers import TraceReceiver, read_manifest
 
@@ -206,6 +206,42 @@ async def test_speech_translation_on_fleurs(cluster, source, target, files):
         assert (
             0 <= u.timings["end_of_speech_to_transcript_ms"] <= u.timings["end_of_speech_to_first_audio_ms"]
         )
+
+
+@pytest.mark.timeout(300)
+async def test_a_long_utterance_is_translated_and_spoken_while_the_speaker_talks(cluster):
+    """LJSpeech sentences joined by 0.3 s pauses (shorter than the VAD's 0.5 s endpoint: one utterance of
+    about 25 s), streamed at real time: the first clause's translated audio arrives before the speaker stops,
+    commits move forward in time, and the final transcript is the commits, nothing else."""
+    rows = read_manifest("ljspeech")[:4]
+    pause = np.zeros(int(0.3 * RATE), "<i2").tobytes()
+    pcm = pause.join(read_wav(r["path"])[0] for r in rows)
+    silence = np.zeros(int(SILENCE_S * RATE), "<i2").tobytes()
+    collector = ClauseCollector()
+    words_ms: list[int] = []
+    first_audio_s = 0.0
+    async with GatewayClient(cluster["gateway"].address) as client:
+        started_s = time.monotonic()
+        cfg = config("en", "fr", request_id="long")
+        async for event in client.translate_speech(cfg, paced(split_pcm(silence + pcm + silence, 100))):
+            collector.add(event)
+            if event.WhichOneof("event") == "commit" and event.utterance_index == 0:
+                words_ms += [w.start_ms for w in event.commit.words]
+            if event.WhichOneof("event") == "audio" and event.utterance_index == 0 and not first_audio_s:
+                first_audio_s = time.monotonic()
+    assert_in_order(collector)
+    first = collector.utterances[0]
+    assert first.end_ms - first.start_ms > 15000, "the pauses did not end the utterance"
+    assert words_ms == sorted(words_ms), "commits move forward in time"
+    assert " ".join(first.commits).split() == first.transcript.split(), "the final transcript is the commits"
+    spoken_until_s = started_s + first.end_ms / 1000
+    assert first_audio_s and first_audio_s < spoken_until_s, (
+        f"first translated audio {first_audio_s - spoken_until_s:+.2f} s after the end of speech"
+    )
+    clauses = {k for i, kind, k in collector.clause_events if i == 0 and kind == "translation"}
+    assert len(clauses) >= 2, "a 25 s utterance is translated in several clauses"
+    reference = " ".join(r["reference_text"] for r in rows)
+    assert wer([reference], [" ".join(u.transcript for u in collector.utterances.values())], "en") <= 0.2
 
 
 async def faster_than_real_time(chunks: list[bytes], speed: float) -> AsyncIterator[bytes]:
