@@ -265,7 +265,7 @@ def retry_service_config(
     initial_backoff_s: float,
     max_backoff_s: float,
     backoff_multiplier: float = 2.0,
-    max_tokens: float = 10.0,
+    max_tokens: int = 10,
     token_ratio: float = 0.1,
 ) -> dict[str, Any]:
     """The service-config entries (gRFC A6) that make a channel retry ``methods`` on UNAVAILABLE.
@@ -281,7 +281,7 @@ def retry_service_config(
         initial_backoff_s: Upper bound of the first wait, in seconds (> 0).
         max_backoff_s: Cap on any wait, in seconds (> 0).
         backoff_multiplier: Growth of the bound per retry (> 0).
-        max_tokens: Size of the retry throttle's bucket, in (0, 1000].
+        max_tokens: Size of the retry throttle's bucket, a whole number in (0, 1000].
         token_ratio: Tokens a successful call gives back (> 0; gRPC keeps three decimals).
 
     Returns:

@@ -40,7 +40,7 @@ SERVICES: dict[str, ServiceDescriptor] = {
 SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
 
 # The retry throttle's bucket (gRFC A6 ``maxTokens``): retries stop while half of it is spent.
-RETRY_MAX_TOKENS = 10.0
+RETRY_MAX_TOKENS = 10
 
 
 def retried_methods(stage: str) -> list[tuple[str, str]]:
