@@ -46,27 +46,27 @@ class ScriptedStages(
         self.calls: list[tuple[float, str | None, int]] = []
         self.languages: list[str] = []
 
-    async def _answer(self, request, context) -> None:
+    def _take(self, request, context) -> grpc.StatusCode | str:
+        """Records the call and takes its outcome from the script."""
         headers = dict(context.invocation_metadata())
         self.calls.append((time.monotonic(), headers.get("grpc-previous-rpc-attempts"), request.ByteSize()))
-        outcome = self.script.pop(0) if self.script else OK
+        return self.script.pop(0) if self.script else OK
+
+    async def _answer(self, outcome: grpc.StatusCode | str, context) -> None:
         if isinstance(outcome, grpc.StatusCode):
             await context.abort(outcome, f"scripted {outcome.name}")
 
     async def Detect(self, request, context):  # noqa: N802 - generated gRPC method name
-        await self._answer(request, context)
+        await self._answer(self._take(request, context), context)
         segments = [(1000, 4000), (20000, 26000)]
         return vad_pb2.DetectResponse(
             segments=[vad_pb2.SpeechSegment(start_ms=s, end_ms=e) for s, e in segments]
         )
 
     async def Transcribe(self, request, context):  # noqa: N802 - generated gRPC method name
-        try:
-            await self._answer(request, context)
-        except grpc.aio.AbortError:
-            self.languages.append("down")
-            raise
-        self.languages.append(request.config.language)
+        outcome = self._take(request, context)
+        self.languages.append("down" if outcome != OK else request.config.language)
+        await self._answer(outcome, context)
         duration_ms = len(request.audio) // 2 * 1000 // RATE_HZ
         words = [
             stt_pb2.Word(start_ms=t, end_ms=t + 300, word=f" w{t}.", probability=0.9)
@@ -78,7 +78,7 @@ class ScriptedStages(
         return stt_pb2.TranscribeResponse(text=segment.text, language="fr", segments=[segment])
 
     async def SynthesizeStream(self, request, context):  # noqa: N802 - generated gRPC method name
-        await self._answer(request, context)
+        await self._answer(self._take(request, context), context)
         yield tts_pb2.SynthesizeStreamResponse(audio=b"\0\0", is_last=True)
 
 
