@@ -270,17 +270,19 @@ def retry_service_config(
 ) -> dict[str, Any]:
     """The service-config entries (gRFC A6) that make a channel retry ``methods`` on UNAVAILABLE.
 
-    The channel then retries by itself, within the call's own deadline: attempt n+1 starts after a wait
-    drawn in [0, min(max_backoff_s, initial_backoff_s * backoff_multiplier**(n-1))], and only while the
-    channel's retry throttle (per server) holds more than ``max_tokens / 2`` tokens: each failed attempt
-    takes a token, each success gives back ``token_ratio``. The channel needs ``("grpc.enable_retries", 1)``.
+    The channel then retries by itself, within the call's own deadline: attempt n+1 starts after
+    min(max_backoff_s, initial_backoff_s * backoff_multiplier**(n-1)) (grpc-core jitters it by 20 %; gRFC A6
+    draws it in [0, that]), and only while the channel's retry throttle (per server) holds more than
+    ``max_tokens / 2`` tokens: each failed attempt takes a token, each success gives back ``token_ratio``.
+    A request is kept for its retries up to ``grpc.per_rpc_retry_buffer_size`` bytes (default 256 KiB; past
+    it the call is not retried). The channel needs ``("grpc.enable_retries", 1)``.
 
     Args:
         methods: (full service name, method name) pairs to retry: idempotent unary methods only.
         max_attempts: Attempts in all, the first included; below 2: no retry entries (gRPC caps it at 5).
-        initial_backoff_s: Upper bound of the first wait, in seconds (> 0).
+        initial_backoff_s: The first wait, in seconds (> 0).
         max_backoff_s: Cap on any wait, in seconds (> 0).
-        backoff_multiplier: Growth of the bound per retry (> 0).
+        backoff_multiplier: Growth of the wait per retry (> 0).
         max_tokens: Size of the retry throttle's bucket, a whole number in (0, 1000].
         token_ratio: Tokens a successful call gives back (> 0; gRPC keeps three decimals).
 

@@ -86,7 +86,7 @@ class GatewayConfig(StreamLimitsConfig, ServerConfig):
         "maxAttempts; gRPC caps it at 5); 1: no retries. Streams are never retried.",
     )
     retry_initial_backoff_ms: float = option(
-        50.0, "Upper bound of the first retry's jittered wait, in ms (retryPolicy initialBackoff)."
+        50.0, "The first retry's wait, in ms, doubling per retry (retryPolicy initialBackoff; jittered 20 %)."
     )
     retry_max_backoff_ms: float = option(500.0, "Cap on a retry's wait, in ms (retryPolicy maxBackoff).")
     retry_budget_ratio: float = option(

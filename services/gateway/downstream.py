@@ -180,10 +180,10 @@ class Downstream:
                 "translate": translate_pb2_grpc.TranslationStub(self.channels["translate"]),
                 "tts": tts_pb2_grpc.SpeechSynthesisStub(self.channels["tts"]),
             }
-        self.vad = stubs.get("vad")
-        self.stt = stubs.get("stt")
-        self.translation = stubs.get("translate")
-        self.tts = stubs.get("tts")
+        self.vad: Any = stubs.get("vad")
+        self.stt: Any = stubs.get("stt")
+        self.translation: Any = stubs.get("translate")
+        self.tts: Any = stubs.get("tts")
         self.guards = stage_guards(config, self.clock)
 
     async def _unary(
