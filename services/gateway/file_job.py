@@ -24,9 +24,10 @@ as soon as it passes ``max_audio_s``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -152,6 +153,14 @@ def _stage_error(stage: str, exc: BaseException) -> ParleyError:
             return ResourceExhausted(f"{stage} is overloaded: {details}")
         return Unavailable(f"{stage} failed with {code.name}: {details}")
     return Unavailable(f"{stage} failed: {type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Puts the time the block took, in ms, in ``timings[key]`` (when it ends without an error)."""
+    started = time.perf_counter()
+    yield
+    timings[key] = (time.perf_counter() - started) * 1000
 
 
 def make_chunks(segments: Sequence[tuple[int, int]], max_chunk_ms: int, max_pause_ms: int) -> list[Chunk]:
@@ -389,6 +398,38 @@ class FileTranslator:
         job.report("translate", job.duration_s)
         return cues, quality, model
 
+    def _job(
+        self,
+        audio: np.ndarray,
+        request_id: str,
+        beam_size: int,
+        deadline: Deadline | None,
+        progress: Progress | None,
+    ) -> _Job:
+        """A run of ``audio``, checked: int16 and at most ``max_audio_s`` long.
+
+        Raises:
+            TypeError: ``audio`` is not int16.
+            InvalidArgument: ``audio`` is longer than ``max_audio_s``.
+        """
+        if audio.dtype != np.int16:
+            raise TypeError(f"audio must be int16 PCM samples, not {audio.dtype}")
+        job = _Job(
+            audio, request_id, beam_size, deadline or Deadline(None), progress or (lambda stage, s: None)
+        )
+        if job.duration_s > self.settings.max_audio_s:
+            raise _too_long(self.settings.max_audio_s)
+        return job
+
+    async def _speech(self, job: _Job) -> list[Chunk]:
+        """The recording's speech, as chunks for STT; the silence between them counts as processed."""
+        segments = await self._detect(job) if len(job.audio) else []
+        chunks = make_chunks(
+            segments, int(self.settings.max_chunk_s * 1000), int(self.settings.max_pause_s * 1000)
+        )
+        job.advance("vad", job.duration_s - sum(c.duration_ms for c in chunks) / 1000)
+        return chunks
+
     async def run(
         self,
         audio: np.ndarray,
@@ -419,37 +460,28 @@ class FileTranslator:
             Unavailable, ResourceExhausted, DeadlineExceeded: A stage failed or the deadline passed.
             TypeError: ``audio`` is not int16 (float samples would be read as silence).
         """
-        if audio.dtype != np.int16:
-            raise TypeError(f"audio must be int16 PCM samples, not {audio.dtype}")
-        settings = self.settings
-        job = _Job(
-            audio, request_id, beam_size, deadline or Deadline(None), progress or (lambda stage, s: None)
-        )
-        if job.duration_s > settings.max_audio_s:
-            raise _too_long(settings.max_audio_s)
+        job = self._job(audio, request_id, beam_size, deadline, progress)
         timings: dict[str, float] = {}
-        started = time.perf_counter()
-        segments = await self._detect(job) if len(audio) else []
-        timings["vad_ms"] = (time.perf_counter() - started) * 1000
-        chunks = make_chunks(segments, int(settings.max_chunk_s * 1000), int(settings.max_pause_s * 1000))
-        speech_s = sum(c.duration_ms for c in chunks) / 1000
-        job.advance("vad", job.duration_s - speech_s)
-        stt_started = time.perf_counter()
-        language = await self._transcribe_all(job, chunks, source_language)
-        timings["stt_ms"] = (time.perf_counter() - stt_started) * 1000
-        source_cues, source_quality = self._source_track(chunks, language, round(job.duration_s * 1000))
-        target = target_language if target_language and primary_language(target_language) != language else ""
-        translate_started = time.perf_counter()
-        target_cues, target_quality, model = (
-            await self._target_track(job, chunks, source_cues, language, target) if target else ([], None, "")
-        )
-        timings["translation_ms"] = (time.perf_counter() - translate_started) * 1000
-        timings["total_ms"] = (time.perf_counter() - started) * 1000
+        with _timed(timings, "total_ms"):
+            with _timed(timings, "vad_ms"):
+                chunks = await self._speech(job)
+            with _timed(timings, "stt_ms"):
+                language = await self._transcribe_all(job, chunks, source_language)
+            source_cues, source_quality = self._source_track(chunks, language, round(job.duration_s * 1000))
+            target = (
+                target_language if target_language and primary_language(target_language) != language else ""
+            )
+            with _timed(timings, "translation_ms"):
+                target_cues, target_quality, model = (
+                    await self._target_track(job, chunks, source_cues, language, target)
+                    if target
+                    else ([], None, "")
+                )
         return FileResult(
             source_language=language,
             target_language=target,
             audio_duration_s=job.duration_s,
-            speech_duration_s=speech_s,
+            speech_duration_s=sum(c.duration_ms for c in chunks) / 1000,
             source_cues=source_cues,
             target_cues=target_cues,
             source_quality=source_quality,
@@ -457,6 +489,30 @@ class FileTranslator:
             timings_ms=timings,
             translation_model=model,
         )
+
+    async def _receive(
+        self, requests: AsyncIterator[gateway_pb2.TranslateFileRequest], fmt: audio_pb2.AudioFormat
+    ) -> np.ndarray:
+        """The recording the audio messages carry, as int16 samples at 16 kHz, shape (n_samples,).
+
+        Raises:
+            InvalidArgument: A second config, an empty message, a bad audio format, or audio longer than
+                ``max_audio_s`` (refused as soon as it arrives).
+        """
+        pcm = PcmStream(fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=RATE_HZ)
+        received = bytearray()
+        async for message in requests:
+            kind = message.WhichOneof("request")
+            if kind == "config":
+                raise InvalidArgument("a second config message: send the config first, and only once")
+            if kind != "audio":
+                raise InvalidArgument("empty TranslateFile message: set config (first message) or audio")
+            samples = pcm.push(message.audio)
+            if pcm.duration_s > self.settings.max_audio_s:
+                raise _too_long(self.settings.max_audio_s)
+            received += float_to_pcm16(samples)
+        received += float_to_pcm16(pcm.flush())
+        return np.frombuffer(received, dtype="<i2")  # a view: no second copy of the recording
 
     async def serve(
         self,
@@ -482,21 +538,7 @@ class FileTranslator:
         config = first.config
         if check is not None:
             await check(config)
-        fmt = config.input_format
-        pcm = PcmStream(fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=RATE_HZ)
-        received = bytearray()
-        async for message in requests:
-            kind = message.WhichOneof("request")
-            if kind == "config":
-                raise InvalidArgument("a second config message: send the config first, and only once")
-            if kind != "audio":
-                raise InvalidArgument("empty TranslateFile message: set config (first message) or audio")
-            samples = pcm.push(message.audio)
-            if pcm.duration_s > self.settings.max_audio_s:
-                raise _too_long(self.settings.max_audio_s)
-            received += float_to_pcm16(samples)
-        received += float_to_pcm16(pcm.flush())
-        audio = np.frombuffer(received, dtype="<i2")  # a view: no second copy of the recording
+        audio = await self._receive(requests, config.input_format)
         duration_s = len(audio) / RATE_HZ
         events: asyncio.Queue[gateway_pb2.TranslateFileResponse] = asyncio.Queue()
 
