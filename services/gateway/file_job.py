@@ -539,18 +539,10 @@ class FileTranslator:
         if check is not None:
             await check(config)
         audio = await self._receive(requests, config.input_format)
-        duration_s = len(audio) / RATE_HZ
         events: asyncio.Queue[gateway_pb2.TranslateFileResponse] = asyncio.Queue()
 
         def progress(stage: str, done_s: float) -> None:
-            events.put_nowait(
-                gateway_pb2.TranslateFileResponse(
-                    request_id=config.request_id,
-                    progress=gateway_pb2.TranslateFileProgress(
-                        stage=stage, audio_processed_s=done_s, audio_duration_s=duration_s
-                    ),
-                )
-            )
+            events.put_nowait(_progress_event(config.request_id, stage, done_s, len(audio) / RATE_HZ))
 
         job = asyncio.ensure_future(
             self.run(
@@ -575,6 +567,18 @@ class FileTranslator:
         finally:
             job.cancel()
         yield gateway_pb2.TranslateFileResponse(request_id=config.request_id, result=result_to_proto(result))
+
+
+def _progress_event(
+    request_id: str, stage: str, done_s: float, duration_s: float
+) -> gateway_pb2.TranslateFileResponse:
+    """A ``TranslateFile`` progress message: ``done_s`` of ``duration_s`` seconds of audio processed."""
+    return gateway_pb2.TranslateFileResponse(
+        request_id=request_id,
+        progress=gateway_pb2.TranslateFileProgress(
+            stage=stage, audio_processed_s=done_s, audio_duration_s=duration_s
+        ),
+    )
 
 
 def _join_words(words: Sequence[stt_pb2.Word], offset_ms: int) -> list[subs.Word]:
