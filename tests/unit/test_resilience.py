@@ -218,14 +218,8 @@ async def test_a_stage_that_answers_nothing_failed_every_attempt_of_the_channel(
 
 
 def test_retry_service_config_is_grpcs_retry_policy_and_throttling():
-    config = retry_service_config(
-        [("parley.stt.v1.SpeechToText", "Transcribe")],
-        max_attempts=9,
-        initial_backoff_s=0.05,
-        max_backoff_s=0.5,
-        max_tokens=10,
-        token_ratio=0.2,
-    )
+    policy = dict(initial_backoff_s=0.05, max_backoff_s=0.5, max_tokens=10, token_ratio=0.2)
+    config = retry_service_config([("parley.stt.v1.SpeechToText", "Transcribe")], max_attempts=9, **policy)
     assert config == {
         "methodConfig": [
             {
@@ -241,15 +235,7 @@ def test_retry_service_config_is_grpcs_retry_policy_and_throttling():
         ],
         "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.2},
     }
-    no_retries = retry_service_config(
-        [("s", "m")],
-        max_attempts=1,
-        initial_backoff_s=0.05,
-        max_backoff_s=0.5,
-        max_tokens=10,
-        token_ratio=0.2,
-    )
-    assert no_retries == {}
+    assert retry_service_config([("s", "m")], max_attempts=1, **policy) == {}
 
 
 # -- Guard.stream ---------------------------------------------------------------------------------------
