@@ -1,4 +1,4 @@
-"""Calling downstream services safely: deadlines, retries with a budget, and circuit breakers.
+"""Calling downstream services safely: deadlines, circuit breakers, and the channel's own retries.
 
 The patterns follow gRPC's own guidance (``doc/deadlines.md``, the retries and retry throttling of gRFC A6)
 and the breaker of Nygard's *Release It!*: a caller's deadline shrinks as it is passed down; the channel
