@@ -40,9 +40,10 @@ from parley.audio.v1 import audio_pb2
 from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from parley.translate.v1 import translate_pb2, translate_pb2_grpc
 from parley.tts.v1 import tts_pb2, tts_pb2_grpc
-from parley.vad.v1 import vad_pb2_grpc
 from services.clients.cluster import STAGES, LocalCluster
 from services.common.audio import SAMPLE_RATE_HZ, float_to_pcm16, resample
+from services.gateway.config import GatewayConfig
+from services.gateway.downstream import Downstream
 from services.gateway.file_job import FileJobSettings, FileTranslator
 from services.harness import SHARED_DATA, free_port, read_manifest, read_wav
 from services.stt.config import SttConfig
@@ -214,12 +215,14 @@ def eval_tts(tts: Any, stt: Any) -> tuple[list[dict[str, Any]], dict[str, str]]:
 
 
 async def _subtitles(addresses: dict[str, str]) -> list[dict[str, Any]]:
-    channels = [grpc.aio.insecure_channel(addresses[s]) for s in ("vad", "stt", "translate")]
-    job = FileTranslator(
-        vad_pb2_grpc.VoiceActivityDetectionStub(channels[0]),
-        stt_pb2_grpc.SpeechToTextStub(channels[1]),
-        translate_pb2_grpc.TranslationStub(channels[2]),
+    downstream = Downstream(
+        GatewayConfig(
+            vad_address=addresses["vad"],
+            stt_address=addresses["stt"],
+            translate_address=addresses["translate"],
+        )
     )
+    job = FileTranslator(downstream)
     results = []
     try:
         inputs = []
@@ -252,8 +255,7 @@ async def _subtitles(addresses: dict[str, str]) -> list[dict[str, Any]]:
                 )
             print(f"subtitles {name}: {[(t.language, t.violation_total) for t in tracks]} in {wall_s:.1f} s")
     finally:
-        for channel in channels:
-            await channel.close()
+        await downstream.close()
     return results
 
 

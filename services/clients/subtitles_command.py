@@ -127,24 +127,24 @@ async def _via_gateway(
 async def _in_process(
     args: argparse.Namespace, tls: ClientTls | None, samples: np.ndarray, bar: ProgressBar
 ) -> Any:
-    from parley.stt.v1 import stt_pb2_grpc
-    from parley.translate.v1 import translate_pb2_grpc
-    from parley.vad.v1 import vad_pb2_grpc
     from services.common.deadlines import Deadline
+    from services.gateway.config import GatewayConfig
+    from services.gateway.downstream import Downstream
     from services.gateway.file_job import FileTranslator, result_to_proto
 
-    addresses = (
-        args.vad,
-        args.stt,
-        args.translate or args.stt,
-    )  # no --target: the translation stub is unused
-    channels = [open_channel(a, tls, options=_CHANNEL_OPTIONS) for a in addresses]
+    stage_tls = tls or ClientTls("")
+    config = GatewayConfig(
+        vad_address=args.vad,
+        stt_address=args.stt,
+        translate_address=args.translate or args.stt,  # no --target: the translation stub is unused
+        stage_tls_ca_file=stage_tls.ca_file,
+        stage_tls_cert_file=stage_tls.cert_file,
+        stage_tls_key_file=stage_tls.key_file,
+        stage_tls_server_name=stage_tls.server_name,
+    )
+    downstream = Downstream(config)
     try:
-        job = FileTranslator(
-            vad_pb2_grpc.VoiceActivityDetectionStub(channels[0]),
-            stt_pb2_grpc.SpeechToTextStub(channels[1]),
-            translate_pb2_grpc.TranslationStub(channels[2]),
-        )
+        job = FileTranslator(downstream)
         result = await job.run(
             samples,
             source_language=_source(args.source),
@@ -156,8 +156,7 @@ async def _in_process(
         )
         return result_to_proto(result)
     finally:
-        for channel in channels:
-            await channel.close()
+        await downstream.close()
 
 
 def _source(value: str) -> str:

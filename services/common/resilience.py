@@ -1,12 +1,14 @@
-"""Calling downstream services safely: deadlines, retries with a budget, and circuit breakers.
+"""Calling downstream services safely: deadlines, circuit breakers, and the channel's own retries.
 
-The patterns follow gRPC's own guidance (``doc/deadlines.md``, the retry throttling of gRFC A6) and the
-breaker of Nygard's *Release It!*: a caller's deadline shrinks as it is passed down, retries happen only
-for idempotent unary calls that failed with UNAVAILABLE, at most a fixed share of calls are retries, and a
-stage that keeps failing is cut off (fail fast) until a probe call shows it is back.
+The patterns follow gRPC's own guidance (``doc/deadlines.md``, the retries and retry throttling of gRFC A6)
+and the breaker of Nygard's *Release It!*: a caller's deadline shrinks as it is passed down; the channel
+itself retries idempotent unary calls that failed with UNAVAILABLE, with backoff, within the deadline and
+while its retry throttle allows (:func:`retry_service_config`); a stage that keeps failing is cut off (fail
+fast) by its :class:`CircuitBreaker` until a probe call shows it is back. :class:`Guard` is the one way to
+call a stage, unary (:meth:`Guard.call`) or streaming (:meth:`Guard.stream`).
 
-Everything takes an injectable clock (``monotonic()`` in seconds) and random source, so tests run on a fake
-clock without sleeping.
+Everything takes an injectable clock (``monotonic()`` in seconds), so tests run on a fake clock without
+sleeping.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
 
 import grpc
 from prometheus_client import Counter, Gauge
@@ -35,10 +35,22 @@ BREAKER_STATE = Gauge(
     ["stage"],
 )
 BREAKER_OPENED = Counter("parley_breaker_opened", "Times a circuit breaker opened, per stage.", ["stage"])
-RETRIES = Counter("parley_retries", "Retried downstream calls, per stage.", ["stage"])
-RETRIES_DENIED = Counter(
-    "parley_retries_denied", "Retries refused by the retry budget or the deadline, per stage.", ["stage"]
+RETRIES = Counter(
+    "parley_retries",
+    "Retry attempts of downstream calls (the channel's, as the stage reports them), per stage.",
+    ["stage"],
 )
+RETRIES_DENIED = Counter(
+    "parley_retries_denied",
+    "Calls that ended UNAVAILABLE with attempts left: the channel's retry throttle or the deadline stopped "
+    "them, per stage.",
+    ["stage"],
+)
+# gRPC's retry layer stamps each retry attempt with this request header (gRFC A6); the stages echo it in
+# their trailing metadata (services.common.server), since grpc-core does not hand it to the caller itself.
+PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
+# gRPC caps a retry policy's maxAttempts at 5.
+MAX_ATTEMPTS_CAP = 5
 
 
 class BreakerState(enum.IntEnum):
@@ -133,56 +145,6 @@ class CircuitBreaker:
         self._probing = False
 
 
-class RetryBudget:
-    """Token bucket that caps retries at a share of calls (gRFC A6 retry throttling, Finagle's budget).
-
-    Every call deposits ``ratio`` tokens (up to ``max_tokens``); every retry spends one. With ratio 0.1,
-    at most about one call in ten is a retry once the initial tokens are spent.
-
-    Args:
-        ratio: Retries allowed per call, in [0, 1].
-        max_tokens: Bucket size; also the initial balance, so a few early failures can retry.
-    """
-
-    def __init__(self, ratio: float = 0.1, max_tokens: float = 10.0):
-        self.ratio = ratio
-        self.max_tokens = max_tokens
-        self.tokens = max_tokens
-
-    def deposit(self) -> None:
-        """Credits one call."""
-        self.tokens = min(self.max_tokens, self.tokens + self.ratio)
-
-    def try_spend(self) -> bool:
-        """Takes a token for one retry; False when the budget is spent."""
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff and Jitter").
-
-    Attributes:
-        max_attempts: Attempts in all, the first included; 1 disables retries.
-        initial_backoff_s: Upper bound of the first wait, in seconds.
-        max_backoff_s: Cap on any wait, in seconds.
-        multiplier: Growth of the bound per retry.
-    """
-
-    max_attempts: int = 3
-    initial_backoff_s: float = 0.05
-    max_backoff_s: float = 1.0
-    multiplier: float = 2.0
-
-    def backoff_s(self, retry: int, rng: random.Random) -> float:
-        """Wait before retry ``retry`` (from 0): uniform in [0, min(max, initial * multiplier**retry)]."""
-        bound = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**retry)
-        return rng.uniform(0.0, bound)
-
-
 # Failures that say the stage itself is unwell; a caller's bad request or its own short deadline does not
 # count against the stage.
 BREAKER_FAILURE_CODES = frozenset(
@@ -208,37 +170,101 @@ def error_code(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def previous_attempts(metadata: Sequence[tuple[str, str | bytes]] | None) -> int:
+    """Earlier attempts of a call, from its trailing metadata (:data:`PREVIOUS_ATTEMPTS_KEY`; absent: 0)."""
+    for key, value in metadata or ():
+        if key == PREVIOUS_ATTEMPTS_KEY:
+            try:
+                return max(0, int(value))
+            except ValueError:
+                return 0
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    """A protobuf JSON Duration ("0.05s"), as the service config wants it."""
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def retry_service_config(
+    methods: Iterable[tuple[str, str]],
+    *,
+    max_attempts: int,
+    initial_backoff_s: float,
+    max_backoff_s: float,
+    backoff_multiplier: float = 2.0,
+    max_tokens: int = 10,
+    token_ratio: float = 0.1,
+) -> dict[str, Any]:
+    """The service-config entries (gRFC A6) that make a channel retry ``methods`` on UNAVAILABLE.
+
+    The channel then retries by itself, within the call's own deadline: attempt n+1 starts after
+    min(max_backoff_s, initial_backoff_s * backoff_multiplier**(n-1)) (grpc-core jitters it by 20 %; gRFC A6
+    draws it in [0, that]), and only while the channel's retry throttle (per server) holds more than
+    ``max_tokens / 2`` tokens: each failed attempt takes a token, each success gives back ``token_ratio``.
+    A request is kept for its retries up to ``grpc.per_rpc_retry_buffer_size`` bytes (default 256 KiB; past
+    it the call is not retried). The channel needs ``("grpc.enable_retries", 1)``.
+
+    Args:
+        methods: (full service name, method name) pairs to retry: idempotent unary methods only.
+        max_attempts: Attempts in all, the first included; below 2: no retry entries (gRPC caps it at 5).
+        initial_backoff_s: The first wait, in seconds (> 0).
+        max_backoff_s: Cap on any wait, in seconds (> 0).
+        backoff_multiplier: Growth of the wait per retry (> 0).
+        max_tokens: Size of the retry throttle's bucket, a whole number in (0, 1000].
+        token_ratio: Tokens a successful call gives back (> 0; gRPC keeps three decimals).
+
+    Returns:
+        ``{"methodConfig": [...], "retryThrottling": {...}}`` to merge into the channel's service config, or
+        ``{}`` for no retries.
+    """
+    names = [{"service": service, "method": method} for service, method in methods]
+    max_attempts = min(max_attempts, MAX_ATTEMPTS_CAP)
+    if max_attempts < 2 or not names:
+        return {}
+    policy = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": _duration(initial_backoff_s),
+        "maxBackoff": _duration(max(max_backoff_s, initial_backoff_s)),
+        "backoffMultiplier": backoff_multiplier,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    return {
+        "methodConfig": [{"name": names, "retryPolicy": policy}],
+        "retryThrottling": {"maxTokens": max_tokens, "tokenRatio": max(0.001, round(token_ratio, 3))},
+    }
+
+
 class Guard:
-    """Deadline, retries and breaker for one downstream stage.
+    """Deadline and circuit breaker for one downstream stage; the stage's channel does the retries.
+
+    Unary calls go through :meth:`call`, streaming calls through :meth:`stream`; nothing else drives the
+    breaker. Retries are the channel's (:func:`retry_service_config`): one :meth:`call` may be several
+    attempts, which the stage reports back in the trailing metadata (:data:`PREVIOUS_ATTEMPTS_KEY`, echoed
+    by :class:`services.common.server.StatusMappingInterceptor`). Each failed attempt counts against the
+    breaker, and the retries are counted per stage (``parley_retries``, ``parley_retries_denied``).
 
     Args:
         breaker: The stage's breaker.
-        budget: Retry budget shared by the stage's calls.
-        policy: Backoff policy.
         stage_timeout_s: The stage's own per-call timeout, in seconds (``None`` for none).
         margin_s: Time kept back from the caller's deadline for the caller, in seconds.
-        rng: Random source for jitter.
-        sleep: Awaitable sleep, in seconds (a fake in tests).
+        max_attempts: Attempts the channel makes per unary call (its retry policy's ``maxAttempts``; 1: no
+            retries). A call that failed UNAVAILABLE without reaching the stage (nothing reported back: the
+            stage is unreachable, so each attempt failed at once) counts as that many failures.
     """
 
     def __init__(
         self,
         breaker: CircuitBreaker,
-        budget: RetryBudget,
-        policy: RetryPolicy,
         *,
         stage_timeout_s: float | None,
         margin_s: float,
-        rng: random.Random | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        max_attempts: int = 1,
     ):
         self.breaker = breaker
-        self.budget = budget
-        self.policy = policy
         self.stage_timeout_s = stage_timeout_s
         self.margin_s = margin_s
-        self.rng = rng or random.Random()
-        self.sleep = sleep
+        self.max_attempts = min(max(1, max_attempts), MAX_ATTEMPTS_CAP)
 
     @property
     def name(self) -> str:
@@ -251,12 +277,14 @@ class Guard:
         timeout_s: float | None,
         started_s: float,
         stage_timeout_s: float | None = None,
+        *,
+        attempts: int = 1,
     ) -> None:
         """Reports a call's outcome to the breaker.
 
         A DEADLINE_EXCEEDED counts against the stage only when the stage's timeout (not the caller's
         shorter deadline) was the limit that expired: the call's own ``stage_timeout_s`` when it had one,
-        else the guard's.
+        else the guard's. A failure that took ``attempts`` attempts counts ``attempts`` times.
         """
         if exc is None:
             self.breaker.record_success()
@@ -270,69 +298,191 @@ class Guard:
             and self.breaker.clock.monotonic() - started_s >= limit_s * 0.99
         )
         if code in BREAKER_FAILURE_CODES or (code is grpc.StatusCode.DEADLINE_EXCEEDED and stage_limited):
-            self.breaker.record_failure()
+            for _ in range(max(1, attempts)):
+                self.breaker.record_failure()
         elif code is grpc.StatusCode.CANCELLED:
             self.breaker.release()
         else:
             self.breaker.record_success()
+
+    def _failed_attempts(self, exc: BaseException) -> int:
+        """Attempts a failed unary call made; counts its retries and the retries the channel did not make."""
+        code = error_code(exc)
+        metadata = exc.trailing_metadata() if isinstance(exc, grpc.aio.AioRpcError) else None
+        if not any(key == PREVIOUS_ATTEMPTS_KEY for key, _ in metadata or ()):
+            # The stage answered nothing (a stage that answers reports every attempt, its first as 0): it is
+            # unreachable, so each of the channel's attempts failed at once.
+            unreachable = isinstance(exc, grpc.aio.AioRpcError) and code is grpc.StatusCode.UNAVAILABLE
+            return self.max_attempts if unreachable else 1
+        retries = previous_attempts(metadata)
+        RETRIES.labels(self.name).inc(retries)
+        if code is grpc.StatusCode.UNAVAILABLE and retries + 1 < self.max_attempts:
+            RETRIES_DENIED.labels(self.name).inc()  # the channel's retry throttle or the deadline stopped it
+        return retries + 1
 
     async def call(
         self,
         fn: Callable[[float | None], Awaitable[R]],
         deadline: Deadline,
         *,
-        idempotent: bool,
         stage_timeout_s: float | None = None,
     ) -> R:
-        """Calls ``fn(timeout_s)`` through the breaker, retrying idempotent calls on UNAVAILABLE.
+        """Calls ``fn(timeout_s)`` once through the breaker; the channel retries UNAVAILABLE within it.
 
         Args:
-            fn: Makes one attempt with the given per-attempt timeout (seconds, or ``None``).
-            deadline: The caller's deadline; no attempt starts, and no backoff ends, past it.
-            idempotent: Whether the call may be repeated safely.
-            stage_timeout_s: This call's per-attempt timeout instead of the guard's, in seconds (a batch
-                job's longer calls); None keeps the guard's. The breaker judges a DEADLINE_EXCEEDED by it.
+            fn: Starts the call with the given timeout (seconds, or ``None``), e.g.
+                ``lambda timeout_s: stub.Transcribe(request, timeout=timeout_s)``. When it returns the
+                ``grpc.aio`` call itself (not a coroutine around it), retries that succeeded are counted too.
+            deadline: The caller's deadline; the timeout is what it leaves, less the margin.
+            stage_timeout_s: This call's timeout instead of the guard's, in seconds (a batch job's longer
+                calls); None keeps the guard's. The breaker judges a DEADLINE_EXCEEDED by it.
 
         Returns:
-            The first successful attempt's result.
+            The call's result.
 
         Raises:
             BreakerOpen: The breaker refused the call.
-            DeadlineExceeded: The caller's deadline leaves no time for an attempt.
-            grpc.aio.AioRpcError: The last attempt's error.
+            DeadlineExceeded: The caller's deadline leaves no time for the call.
+            grpc.aio.AioRpcError: The call's error (its last attempt's).
         """
-        self.budget.deposit()
-        retry = 0
-        while True:
-            limit_s = stage_timeout_s or self.stage_timeout_s
-            timeout_s = deadline.timeout_for(limit_s, self.margin_s)
-            self.breaker.acquire()
-            started_s = self.breaker.clock.monotonic()
+        limit_s = stage_timeout_s or self.stage_timeout_s
+        timeout_s = deadline.timeout_for(limit_s, self.margin_s)
+        self.breaker.acquire()
+        started_s = self.breaker.clock.monotonic()
+        try:
+            pending = fn(timeout_s)
+            result = await pending
+        except asyncio.CancelledError:
+            self.breaker.release()
+            raise
+        except Exception as exc:
+            self.record(exc, timeout_s, started_s, limit_s, attempts=self._failed_attempts(exc))
+            raise
+        if isinstance(pending, grpc.aio.Call):
+            RETRIES.labels(self.name).inc(previous_attempts(await pending.trailing_metadata()))
+        self.record(None, timeout_s, started_s, limit_s)
+        return result
+
+    def stream(
+        self,
+        fn: Callable[[float | None], AsyncIterable[R]],
+        deadline: Deadline,
+        *,
+        stage_timeout_s: float | None = None,
+    ) -> GuardedStream[R]:
+        """A streaming call through the breaker, as an async context manager over its responses.
+
+        Entering it takes the timeout from the caller's deadline, acquires the breaker and starts
+        ``fn(timeout_s)``. The first response records a success: a long stream closes a half-open breaker
+        at once instead of holding the probe slot to its end. The call's error records a failure (once,
+        even after responses) and is raised. Leaving early, the caller's own error, or cancellation record
+        nothing, free the probe slot and cancel the call. Streams are never retried.
+
+        Server-streaming (TTS ``SynthesizeStream``)::
+
+            async with guard.stream(
+                lambda timeout_s: stub.SynthesizeStream(request, timeout=timeout_s), deadline
+            ) as responses:
+                async for response in responses:
+                    ...
+
+        Bidirectional, with a request iterator (VAD ``StreamDetect``)::
+
             try:
-                result = await fn(timeout_s)
-            except asyncio.CancelledError:
-                self.breaker.release()
-                raise
-            except Exception as exc:
-                self.record(exc, timeout_s, started_s, limit_s)
-                if not idempotent or error_code(exc) is not grpc.StatusCode.UNAVAILABLE:
-                    raise
-                if retry + 1 >= self.policy.max_attempts:
-                    raise
-                wait_s = self.policy.backoff_s(retry, self.rng)
-                remaining = deadline.remaining_s()
-                if remaining is not None and remaining - wait_s <= self.margin_s:
-                    RETRIES_DENIED.labels(self.name).inc()
-                    raise
-                if not self.budget.try_spend():
-                    RETRIES_DENIED.labels(self.name).inc()
-                    raise
-                RETRIES.labels(self.name).inc()
-                retry += 1
-                logger.debug(
-                    "%s: retry %d after %.0f ms (%s)", self.name, retry, wait_s * 1000, error_code(exc).name
-                )
-                await self.sleep(wait_s)
-                continue
-            self.record(None, timeout_s, started_s, limit_s)
-            return result
+                async with guard.stream(
+                    lambda timeout_s: vad.StreamDetect(requests(), timeout=timeout_s), deadline
+                ) as responses:
+                    async for response in responses:
+                        ...  # the first response closed a half-open breaker already
+            except BreakerOpen:
+                ...  # refused at once: the stage is cut off
+            except grpc.aio.AioRpcError as exc:
+                ...  # the stream failed (counted against the stage unless it was the caller's fault)
+
+        Args:
+            fn: Starts the call with the given timeout (seconds, or ``None``) and returns it (a ``grpc.aio``
+                streaming call, or any async iterable of responses).
+            deadline: The caller's deadline.
+            stage_timeout_s: This call's timeout instead of the guard's, in seconds; None keeps the guard's;
+                0 sets none (a stream that lasts as long as the caller's: only the caller's deadline).
+
+        Raises:
+            BreakerOpen: On entering: the breaker refused the call.
+            DeadlineExceeded: On entering: the caller's deadline leaves no time for the call.
+            grpc.aio.AioRpcError: While iterating: the call's error.
+        """
+        limit_s = self.stage_timeout_s if stage_timeout_s is None else stage_timeout_s
+        return GuardedStream(self, fn, deadline, limit_s)
+
+
+class GuardedStream(Generic[R]):
+    """One streaming call under a :class:`Guard` (see :meth:`Guard.stream`); iterate it for the responses.
+
+    Attributes:
+        call: The started call (``None`` until entered): ``cancel()``, metadata, ``write()`` of a
+            bidirectional call without a request iterator.
+    """
+
+    def __init__(
+        self,
+        guard: Guard,
+        fn: Callable[[float | None], AsyncIterable[R]],
+        deadline: Deadline,
+        limit_s: float | None,
+    ):
+        self._guard = guard
+        self._fn = fn
+        self._deadline = deadline
+        self._limit_s = limit_s
+        self._timeout_s: float | None = None
+        self._started_s = 0.0
+        self._judged = False
+        self._responses: AsyncIterator[R] | None = None
+        self.call: AsyncIterable[R] | None = None
+
+    async def __aenter__(self) -> GuardedStream[R]:
+        guard = self._guard
+        self._timeout_s = self._deadline.timeout_for(self._limit_s, guard.margin_s)
+        guard.breaker.acquire()
+        self._started_s = guard.breaker.clock.monotonic()
+        try:
+            self.call = self._fn(self._timeout_s)
+        except BaseException:
+            guard.breaker.release()
+            raise
+        self._responses = aiter(self.call)
+        return self
+
+    def __aiter__(self) -> GuardedStream[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        if self._responses is None:
+            raise RuntimeError("enter the stream (async with) before iterating it")
+        try:
+            response = await anext(self._responses)
+        except StopAsyncIteration:
+            self._judge(None)
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._judge(exc)
+            raise
+        self._judge(None)
+        return response
+
+    def _judge(self, exc: BaseException | None) -> None:
+        """Records the stream's first verdict: its first response or its end (success), or its error."""
+        if exc is not None:
+            self._guard.record(exc, self._timeout_s, self._started_s, self._limit_s)
+        elif not self._judged:
+            self._guard.record(None, self._timeout_s, self._started_s, self._limit_s)
+        self._judged = True
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if not self._judged:
+            self._guard.breaker.release()  # cancelled, or left before any response: no verdict on the stage
+        cancel = getattr(self.call, "cancel", None)
+        if cancel is not None:
+            cancel()

@@ -33,6 +33,7 @@ from services.common.config import ConfigError, ServerConfig
 from services.common.errors import ParleyError
 from services.common.handlers import same_kind
 from services.common.messages import accepted, accepted_stream, checked_deserializer
+from services.common.resilience import PREVIOUS_ATTEMPTS_KEY
 from services.common.telemetry import server_interceptors, setup_tracing
 from services.common.tls import server_credentials
 
@@ -76,6 +77,10 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
     becomes INTERNAL and is logged with its traceback. A request message that does not decode, or that holds
     an undefined enum value, becomes INVALID_ARGUMENT (:mod:`services.common.messages`). Health and
     reflection calls pass through untouched.
+
+    A unary call's trailing metadata carries its attempt number (``grpc-previous-rpc-attempts``: 0 for a
+    first attempt), which the caller's channel sends on its retries (gRFC A6) but does not hand back to the
+    caller: its :class:`services.common.resilience.Guard` counts the retries and failed attempts from it.
     """
 
     async def intercept_service(
@@ -108,6 +113,7 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
 
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 start = time.perf_counter()
+                context.set_trailing_metadata(((PREVIOUS_ATTEMPTS_KEY, _previous_attempts(context)),))
                 try:
                     response = await behavior(accept(request), context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -133,6 +139,14 @@ class StatusMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
             done(start, context)
 
         return same_kind(handler, stream_response, request_deserializer)
+
+
+def _previous_attempts(context: grpc.aio.ServicerContext) -> str:
+    """The call's ``grpc-previous-rpc-attempts`` request header (set by the caller's retries), or "0"."""
+    for key, value in context.invocation_metadata() or ():
+        if key == PREVIOUS_ATTEMPTS_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return "0"
 
 
 def _write_atomically(path: Path, text: str) -> None:

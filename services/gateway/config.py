@@ -98,11 +98,20 @@ class GatewayConfig(StreamLimitsConfig, ServerConfig):
         50.0, "Kept back from the caller's remaining deadline on each downstream call, in ms."
     )
     retry_max_attempts: int = option(
-        3, "Attempts per idempotent unary call (UNAVAILABLE only); 1: no retries."
+        3,
+        "Attempts per unary stage call, made by the stage's channel on UNAVAILABLE (gRPC retryPolicy "
+        "maxAttempts; gRPC caps it at 5); 1: no retries. Streams are never retried.",
     )
-    retry_initial_backoff_ms: float = option(50.0, "Upper bound of the first retry's jittered wait, in ms.")
-    retry_max_backoff_ms: float = option(500.0, "Cap on a retry's wait, in ms.")
-    retry_budget_ratio: float = option(0.2, "Retries allowed per call (token bucket), in [0, 1].")
+    retry_initial_backoff_ms: float = option(
+        50.0, "The first retry's wait, in ms, doubling per retry (retryPolicy initialBackoff; jittered 20 %)."
+    )
+    retry_max_backoff_ms: float = option(500.0, "Cap on a retry's wait, in ms (retryPolicy maxBackoff).")
+    retry_budget_ratio: float = option(
+        0.2,
+        "Retry throttle per stage (gRPC retryThrottling tokenRatio, three decimals, > 0): of a bucket of 10 "
+        "tokens, each failed attempt takes one and each success gives this many back; no retries while half "
+        "is spent.",
+    )
     breaker_failure_threshold: int = option(3, "Consecutive failures that open a stage's circuit breaker.")
     breaker_reset_timeout_s: float = option(3.0, "Time a breaker stays open before a probe call, in seconds.")
     reconnect_backoff_max_ms: int = option(

@@ -12,8 +12,9 @@ Pipeline (one :class:`FileTranslator` call)::
               loop in a translation (absent from its source) is cut to one occurrence and reported
     words  -> cues (services.subtitles), timing fixed, quality report
 
-It needs only the three stubs (``grpc.aio`` stubs or anything with the same awaitable methods), so the gateway
-servicer exposes it in a few lines and the ``parley subtitles`` command can run it in-process too.
+It calls the stages through the gateway's :class:`services.gateway.downstream.Downstream` (the stages'
+breakers, deadlines, and channels that retry), so the gateway servicer exposes it in a few lines and the
+``parley subtitles`` command can run it in-process too.
 
 Memory: the whole recording is held as 16-bit PCM at 16 kHz (115 MB an hour, half of float32), received
 into one growing buffer (no list of parts concatenated at the end, which would double the peak), and refused
@@ -23,11 +24,12 @@ as soon as it passes ``max_audio_s``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -41,7 +43,7 @@ from services import subtitles as subs
 from services.common.audio import SAMPLE_RATE_HZ as RATE_HZ
 from services.common.audio import PcmStream, float_to_pcm16
 from services.common.config import flag
-from services.common.deadlines import Deadline, SystemClock
+from services.common.deadlines import Deadline
 from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -49,12 +51,12 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.common.resilience import Guard
 from services.common.text import primary_language
-from services.gateway.config import GatewayConfig
-from services.gateway.downstream import stage_guards
+from services.gateway.downstream import Downstream
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 _PCM16_FORMAT = audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=RATE_HZ, channels=1)
 
@@ -153,6 +155,14 @@ def _stage_error(stage: str, exc: BaseException) -> ParleyError:
     return Unavailable(f"{stage} failed: {type(exc).__name__}: {exc}")
 
 
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Puts the time the block took, in ms, in ``timings[key]`` (when it ends without an error)."""
+    started = time.perf_counter()
+    yield
+    timings[key] = (time.perf_counter() - started) * 1000
+
+
 def make_chunks(segments: Sequence[tuple[int, int]], max_chunk_ms: int, max_pause_ms: int) -> list[Chunk]:
     """Merges speech segments (start_ms, end_ms), in time order, into chunks for STT.
 
@@ -190,93 +200,87 @@ def merge_windows(windows: Sequence[tuple[int, list[tuple[int, int]]]]) -> list[
     return out
 
 
+@dataclass
+class _Job:
+    """One recording's run: its audio, the caller's request, and the audio processed so far."""
+
+    audio: np.ndarray
+    request_id: str
+    beam_size: int
+    deadline: Deadline
+    report: Progress
+    done_s: float = 0.0
+
+    @property
+    def duration_s(self) -> float:
+        """Length of the recording, in seconds."""
+        return len(self.audio) / RATE_HZ
+
+    def advance(self, stage: str, seconds: float) -> None:
+        """Counts ``seconds`` more audio as processed by ``stage`` and reports the total."""
+        self.done_s += seconds
+        self.report(stage, self.done_s)
+
+
 class FileTranslator:
-    """Runs the batch path on the stages' stubs.
+    """Runs the batch path through the gateway's guarded stage calls.
 
     Args:
-        vad: ``VoiceActivityDetectionStub`` (its ``Detect``).
-        stt: ``SpeechToTextStub`` (its ``Transcribe``).
-        translation: ``TranslationStub`` (its ``Translate``).
+        downstream: The stages' calls (:class:`services.gateway.downstream.Downstream`: ``detect``,
+            ``transcribe``, ``translate``), each under its stage's breaker and retried by its channel; the
+            gateway passes its own, so live streams and file jobs share each stage's breaker.
         settings: Batch-path settings.
-        guards: Per-stage timeout, retries and circuit breaker
-            (:func:`services.gateway.downstream.stage_guards`); the gateway passes its own, so live streams
-            and file jobs share each stage's breaker. Default: new guards under the gateway's default policy.
     """
 
-    def __init__(
-        self,
-        vad: Any,
-        stt: Any,
-        translation: Any,
-        settings: FileJobSettings | None = None,
-        *,
-        guards: Mapping[str, Guard] | None = None,
-    ):
-        self.vad = vad
-        self.stt = stt
-        self.translation = translation
+    def __init__(self, downstream: Downstream, settings: FileJobSettings | None = None):
+        self.down = downstream
         self.settings = settings or FileJobSettings()
-        self.guards = guards or stage_guards(GatewayConfig(), SystemClock())
 
-    async def _call(
-        self, stage: str, fn: Callable[..., Awaitable[Any]], request: Any, deadline: Deadline
-    ) -> Any:
-        """One stage call through the stage's guard (every call of the batch path is idempotent)."""
+    async def _call(self, stage: str, call: Awaitable[R]) -> R:
+        """Awaits one stage call; its failure becomes the error this job reports (:func:`_stage_error`)."""
         try:
-            return await self.guards[stage].call(
-                lambda timeout_s: fn(request, timeout=timeout_s),
-                deadline,
-                idempotent=True,
-                stage_timeout_s=self.settings.stage_timeout_s,
-            )
+            return await call
         except Exception as exc:
             raise _stage_error(stage, exc) from exc
 
-    async def _detect(self, audio: np.ndarray, request_id: str, deadline: Deadline) -> list[tuple[int, int]]:
+    async def _detect(self, job: _Job) -> list[tuple[int, int]]:
+        """Speech segments (start_ms, end_ms) of the whole recording, detected in ``vad_window_s`` windows."""
         window = max(1, int(self.settings.vad_window_s * RATE_HZ))
         params = vad_pb2.VadParameters(max_speech_s=self.settings.max_chunk_s)
         windows = []
-        for offset in range(0, len(audio), window):
-            piece = audio[offset : offset + window]
+        for offset in range(0, len(job.audio), window):
+            request = vad_pb2.DetectRequest(
+                request_id=job.request_id,
+                audio=_pcm_bytes(job.audio[offset : offset + window]),
+                format=_PCM16_FORMAT,
+                parameters=params,
+            )
             response = await self._call(
-                "vad",
-                self.vad.Detect,
-                vad_pb2.DetectRequest(
-                    request_id=request_id,
-                    audio=_pcm_bytes(piece),
-                    format=_PCM16_FORMAT,
-                    parameters=params,
-                ),
-                deadline,
+                "vad", self.down.detect(request, job.deadline, stage_timeout_s=self.settings.stage_timeout_s)
             )
             windows.append(
                 (offset * 1000 // RATE_HZ, [(int(s.start_ms), int(s.end_ms)) for s in response.segments])
             )
         return merge_windows(windows)
 
-    async def _transcribe(
-        self,
-        chunk: Chunk,
-        audio: np.ndarray,
-        language: str,
-        beam_size: int,
-        request_id: str,
-        deadline: Deadline,
-    ) -> str:
-        piece = audio[chunk.start_ms * RATE_HZ // 1000 : chunk.end_ms * RATE_HZ // 1000]
+    async def _transcribe(self, job: _Job, chunk: Chunk, language: str) -> str:
+        """Transcribes one chunk into its words, segments and text; returns the language STT heard."""
+        piece = job.audio[chunk.start_ms * RATE_HZ // 1000 : chunk.end_ms * RATE_HZ // 1000]
         request = stt_pb2.TranscribeRequest(
-            request_id=request_id,
+            request_id=job.request_id,
             audio=_pcm_bytes(piece),
             format=_PCM16_FORMAT,
             config=stt_pb2.RecognitionConfig(
                 language=language,
-                beam_size=beam_size,
+                beam_size=job.beam_size,
                 word_timestamps=True,
                 vad_filter=False,  # the chunk is speech already: the VAD ran over the whole file
                 task=stt_pb2.TRANSCRIBE,
             ),
         )
-        response = await self._call("stt", self.stt.Transcribe, request, deadline)
+        response = await self._call(
+            "stt", self.down.transcribe(request, job.deadline, stage_timeout_s=self.settings.stage_timeout_s)
+        )
         offset = chunk.start_ms
         for segment in response.segments:
             chunk.segments.append(_score(segment, offset))
@@ -290,13 +294,28 @@ class FileTranslator:
         chunk.text = " ".join(w.text for w in chunk.words)
         return str(response.language)
 
-    async def _translate_all(
-        self, chunks: Sequence[Chunk], source: str, target: str, request_id: str, deadline: Deadline
-    ) -> str:
-        model = ""
-        todo = [c for c in chunks if c.text.strip()]
+    async def _transcribe_all(self, job: _Job, chunks: Sequence[Chunk], language: str) -> str:
+        """Transcribes every chunk; returns the spoken language (BCP-47 primary subtag; "" if no speech).
+
+        Without ``language``, the longest chunk is transcribed first and the language it is heard in is
+        given to every other call. The rest go longest first, ``stt_concurrency`` at a time.
+        """
+        concurrency = max(1, self.settings.stt_concurrency)
+        order = sorted(chunks, key=lambda c: c.duration_ms, reverse=True)
+        if order and not language:
+            language = await self._transcribe(job, order[0], "")
+            job.advance("stt", order[0].duration_ms / 1000)
+            order = order[1:]
+        for at in range(0, len(order), concurrency):
+            group = order[at : at + concurrency]
+            await asyncio.gather(*(self._transcribe(job, c, language) for c in group))
+            job.advance("stt", sum(c.duration_ms for c in group) / 1000)
+        return primary_language(language) if language else ""
+
+    def _batches(self, chunks: Sequence[Chunk]) -> list[list[Chunk]]:
+        """The chunks with text, in order, in Translate calls of ``translate_batch_texts`` / ``_chars``."""
         batches: list[list[Chunk]] = []
-        for chunk in todo:
+        for chunk in (c for c in chunks if c.text.strip()):
             last = batches[-1] if batches else None
             if (
                 last is not None
@@ -306,17 +325,21 @@ class FileTranslator:
                 last.append(chunk)
             else:
                 batches.append([chunk])
-        for batch in batches:
+        return batches
+
+    async def _translate_all(self, job: _Job, chunks: Sequence[Chunk], source: str, target: str) -> str:
+        """Translates the chunks' texts into ``chunk.translation``; returns the translation model's name."""
+        model = ""
+        for batch in self._batches(chunks):
+            request = translate_pb2.TranslateRequest(
+                request_id=job.request_id,
+                texts=[c.text for c in batch],
+                source_language=source,
+                target_language=target,
+            )
             response = await self._call(
                 "translate",
-                self.translation.Translate,
-                translate_pb2.TranslateRequest(
-                    request_id=request_id,
-                    texts=[c.text for c in batch],
-                    source_language=source,
-                    target_language=target,
-                ),
-                deadline,
+                self.down.translate(request, job.deadline, stage_timeout_s=self.settings.stage_timeout_s),
             )
             if len(response.translations) != len(batch):
                 raise Unavailable(
@@ -331,6 +354,82 @@ class FileTranslator:
             model = response.model or model
         return model
 
+    def _source_track(
+        self, chunks: Sequence[Chunk], language: str, media_end_ms: int
+    ) -> tuple[list[subs.Cue], subs.QualityReport]:
+        """The cues of what was said, laid out and timed, and their quality report."""
+        rules = self.settings.rules
+        raw_cues: list[subs.Cue] = []
+        for chunk in chunks:
+            raw_cues += subs.layout_words(chunk.words, chunk.index, rules)
+        cues = subs.fix_timing(raw_cues, rules, media_end_ms)
+        quality = subs.quality_report(
+            cues,
+            language,
+            rules=rules,
+            segments=[s for c in chunks for s in c.segments],
+            dropped=[s for c in chunks for s in c.dropped],
+        )
+        return cues, quality
+
+    async def _target_track(
+        self, job: _Job, chunks: Sequence[Chunk], source_cues: Sequence[subs.Cue], language: str, target: str
+    ) -> tuple[list[subs.Cue], subs.QualityReport, str]:
+        """The translation's cues (laid out over each chunk's source cues), their report, and the model."""
+        rules = self.settings.rules
+        cues: list[subs.Cue] = []
+        model = ""
+        if any(c.text for c in chunks):
+            model = await self._translate_all(job, chunks, language, target)
+            by_utterance: dict[int, list[subs.Cue]] = {}
+            for cue in source_cues:
+                by_utterance.setdefault(cue.utterance, []).append(cue)
+            raw: list[subs.Cue] = []
+            for chunk in chunks:
+                raw += subs.layout_translation(chunk.translation, by_utterance.get(chunk.index, []), rules)
+            cues = subs.fix_timing(raw, rules, round(job.duration_s * 1000))
+        quality = subs.quality_report(
+            cues,
+            target,
+            rules=rules,
+            source_texts={c.index: c.text for c in chunks if c.text},
+            loops={c.index: c.loops for c in chunks if c.loops},
+        )
+        job.report("translate", job.duration_s)
+        return cues, quality, model
+
+    def _job(
+        self,
+        audio: np.ndarray,
+        request_id: str,
+        beam_size: int,
+        deadline: Deadline | None,
+        progress: Progress | None,
+    ) -> _Job:
+        """A run of ``audio``, checked: int16 and at most ``max_audio_s`` long.
+
+        Raises:
+            TypeError: ``audio`` is not int16.
+            InvalidArgument: ``audio`` is longer than ``max_audio_s``.
+        """
+        if audio.dtype != np.int16:
+            raise TypeError(f"audio must be int16 PCM samples, not {audio.dtype}")
+        job = _Job(
+            audio, request_id, beam_size, deadline or Deadline(None), progress or (lambda stage, s: None)
+        )
+        if job.duration_s > self.settings.max_audio_s:
+            raise _too_long(self.settings.max_audio_s)
+        return job
+
+    async def _speech(self, job: _Job) -> list[Chunk]:
+        """The recording's speech, as chunks for STT; the silence between them counts as processed."""
+        segments = await self._detect(job) if len(job.audio) else []
+        chunks = make_chunks(
+            segments, int(self.settings.max_chunk_s * 1000), int(self.settings.max_pause_s * 1000)
+        )
+        job.advance("vad", job.duration_s - sum(c.duration_ms for c in chunks) / 1000)
+        return chunks
+
     async def run(
         self,
         audio: np.ndarray,
@@ -342,7 +441,7 @@ class FileTranslator:
         deadline: Deadline | None = None,
         progress: Progress | None = None,
     ) -> FileResult:
-        """Subtitles for one recording.
+        """Subtitles for one recording: VAD, chunks, STT, the source track, then translation and its track.
 
         Args:
             audio: int16 PCM samples, shape (n_samples,), 16 kHz mono.
@@ -361,88 +460,28 @@ class FileTranslator:
             Unavailable, ResourceExhausted, DeadlineExceeded: A stage failed or the deadline passed.
             TypeError: ``audio`` is not int16 (float samples would be read as silence).
         """
-        if audio.dtype != np.int16:
-            raise TypeError(f"audio must be int16 PCM samples, not {audio.dtype}")
-        deadline = deadline or Deadline(None)
-        settings = self.settings
-        duration_s = len(audio) / RATE_HZ
-        if duration_s > settings.max_audio_s:
-            raise _too_long(settings.max_audio_s)
-        report = progress or (lambda stage, done_s: None)
+        job = self._job(audio, request_id, beam_size, deadline, progress)
         timings: dict[str, float] = {}
-        started = time.perf_counter()
-        segments = await self._detect(audio, request_id, deadline) if len(audio) else []
-        timings["vad_ms"] = (time.perf_counter() - started) * 1000
-        chunks = make_chunks(segments, int(settings.max_chunk_s * 1000), int(settings.max_pause_s * 1000))
-        speech_s = sum(c.duration_ms for c in chunks) / 1000
-        done_s = duration_s - speech_s
-        report("vad", done_s)
-
-        language = source_language
-        stt_started = time.perf_counter()
-        order = sorted(chunks, key=lambda c: c.duration_ms, reverse=True)
-        if order and not language:
-            detected = await self._transcribe(order[0], audio, "", beam_size, request_id, deadline)
-            language = detected
-            done_s += order[0].duration_ms / 1000
-            report("stt", done_s)
-            order = order[1:]
-        for at in range(0, len(order), max(1, settings.stt_concurrency)):
-            group = order[at : at + settings.stt_concurrency]
-            await asyncio.gather(
-                *(self._transcribe(c, audio, language, beam_size, request_id, deadline) for c in group)
+        with _timed(timings, "total_ms"):
+            with _timed(timings, "vad_ms"):
+                chunks = await self._speech(job)
+            with _timed(timings, "stt_ms"):
+                language = await self._transcribe_all(job, chunks, source_language)
+            source_cues, source_quality = self._source_track(chunks, language, round(job.duration_s * 1000))
+            target = (
+                target_language if target_language and primary_language(target_language) != language else ""
             )
-            done_s += sum(c.duration_ms for c in group) / 1000
-            report("stt", done_s)
-        timings["stt_ms"] = (time.perf_counter() - stt_started) * 1000
-        language = primary_language(language) if language else ""
-
-        rules = settings.rules
-        raw_cues: list[subs.Cue] = []
-        for chunk in chunks:
-            raw_cues += subs.layout_words(chunk.words, chunk.index, rules)
-        media_end_ms = round(duration_s * 1000)
-        source_cues = subs.fix_timing(raw_cues, rules, media_end_ms)
-        source_quality = subs.quality_report(
-            source_cues,
-            language,
-            rules=rules,
-            segments=[s for c in chunks for s in c.segments],
-            dropped=[s for c in chunks for s in c.dropped],
-        )
-
-        target = target_language if target_language and primary_language(target_language) != language else ""
-        target_cues: list[subs.Cue] = []
-        target_quality = None
-        model = ""
-        translate_started = time.perf_counter()
-        if target and any(c.text for c in chunks):
-            model = await self._translate_all(chunks, language, target, request_id, deadline)
-            by_utterance: dict[int, list[subs.Cue]] = {}
-            for cue in source_cues:
-                by_utterance.setdefault(cue.utterance, []).append(cue)
-            raw_target: list[subs.Cue] = []
-            for chunk in chunks:
-                raw_target += subs.layout_translation(
-                    chunk.translation, by_utterance.get(chunk.index, []), rules
+            with _timed(timings, "translation_ms"):
+                target_cues, target_quality, model = (
+                    await self._target_track(job, chunks, source_cues, language, target)
+                    if target
+                    else ([], None, "")
                 )
-            target_cues = subs.fix_timing(raw_target, rules, media_end_ms)
-        if target:
-            target_quality = subs.quality_report(
-                target_cues,
-                target,
-                rules=rules,
-                source_texts={c.index: c.text for c in chunks if c.text},
-                loops={c.index: c.loops for c in chunks if c.loops},
-            )
-            report("translate", duration_s)
-        timings["translation_ms"] = (time.perf_counter() - translate_started) * 1000
-        timings["total_ms"] = (time.perf_counter() - started) * 1000
         return FileResult(
             source_language=language,
             target_language=target,
-            audio_duration_s=duration_s,
-            speech_duration_s=speech_s,
+            audio_duration_s=job.duration_s,
+            speech_duration_s=sum(c.duration_ms for c in chunks) / 1000,
             source_cues=source_cues,
             target_cues=target_cues,
             source_quality=source_quality,
@@ -450,6 +489,30 @@ class FileTranslator:
             timings_ms=timings,
             translation_model=model,
         )
+
+    async def _receive(
+        self, requests: AsyncIterator[gateway_pb2.TranslateFileRequest], fmt: audio_pb2.AudioFormat
+    ) -> np.ndarray:
+        """The recording the audio messages carry, as int16 samples at 16 kHz, shape (n_samples,).
+
+        Raises:
+            InvalidArgument: A second config, an empty message, a bad audio format, or audio longer than
+                ``max_audio_s`` (refused as soon as it arrives).
+        """
+        pcm = PcmStream(fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=RATE_HZ)
+        received = bytearray()
+        async for message in requests:
+            kind = message.WhichOneof("request")
+            if kind == "config":
+                raise InvalidArgument("a second config message: send the config first, and only once")
+            if kind != "audio":
+                raise InvalidArgument("empty TranslateFile message: set config (first message) or audio")
+            samples = pcm.push(message.audio)
+            if pcm.duration_s > self.settings.max_audio_s:
+                raise _too_long(self.settings.max_audio_s)
+            received += float_to_pcm16(samples)
+        received += float_to_pcm16(pcm.flush())
+        return np.frombuffer(received, dtype="<i2")  # a view: no second copy of the recording
 
     async def serve(
         self,
@@ -475,33 +538,11 @@ class FileTranslator:
         config = first.config
         if check is not None:
             await check(config)
-        fmt = config.input_format
-        pcm = PcmStream(fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=RATE_HZ)
-        received = bytearray()
-        async for message in requests:
-            kind = message.WhichOneof("request")
-            if kind == "config":
-                raise InvalidArgument("a second config message: send the config first, and only once")
-            if kind != "audio":
-                raise InvalidArgument("empty TranslateFile message: set config (first message) or audio")
-            samples = pcm.push(message.audio)
-            if pcm.duration_s > self.settings.max_audio_s:
-                raise _too_long(self.settings.max_audio_s)
-            received += float_to_pcm16(samples)
-        received += float_to_pcm16(pcm.flush())
-        audio = np.frombuffer(received, dtype="<i2")  # a view: no second copy of the recording
-        duration_s = len(audio) / RATE_HZ
+        audio = await self._receive(requests, config.input_format)
         events: asyncio.Queue[gateway_pb2.TranslateFileResponse] = asyncio.Queue()
 
         def progress(stage: str, done_s: float) -> None:
-            events.put_nowait(
-                gateway_pb2.TranslateFileResponse(
-                    request_id=config.request_id,
-                    progress=gateway_pb2.TranslateFileProgress(
-                        stage=stage, audio_processed_s=done_s, audio_duration_s=duration_s
-                    ),
-                )
-            )
+            events.put_nowait(_progress_event(config.request_id, stage, done_s, len(audio) / RATE_HZ))
 
         job = asyncio.ensure_future(
             self.run(
@@ -526,6 +567,18 @@ class FileTranslator:
         finally:
             job.cancel()
         yield gateway_pb2.TranslateFileResponse(request_id=config.request_id, result=result_to_proto(result))
+
+
+def _progress_event(
+    request_id: str, stage: str, done_s: float, duration_s: float
+) -> gateway_pb2.TranslateFileResponse:
+    """A ``TranslateFile`` progress message: ``done_s`` of ``duration_s`` seconds of audio processed."""
+    return gateway_pb2.TranslateFileResponse(
+        request_id=request_id,
+        progress=gateway_pb2.TranslateFileProgress(
+            stage=stage, audio_processed_s=done_s, audio_duration_s=duration_s
+        ),
+    )
 
 
 def _join_words(words: Sequence[stt_pb2.Word], offset_ms: int) -> list[subs.Word]:

@@ -50,13 +50,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.file_jobs = StreamSlots("TranslateFile", config.max_file_jobs, "max_file_jobs")
         self.sessions: set[StreamSession] = set()
         self.catalog = StageCatalog(downstream, config.catalog_ttl_s)
-        self.files = FileTranslator(
-            downstream.vad,
-            downstream.stt,
-            downstream.translation,
-            FileJobSettings(max_audio_s=config.max_file_s),
-            guards=downstream.guards,
-        )
+        self.files = FileTranslator(downstream, FileJobSettings(max_audio_s=config.max_file_s))
 
     async def TranslateSpeech(
         self,

@@ -456,32 +456,21 @@ class StreamSession:
         while not state["eof"]:
             offset_ms = state["sent"] // SAMPLES_PER_MS
             try:
-                timeout_s = self.deadline.timeout_for(None, guard.margin_s)
-                guard.breaker.acquire()
+                # The first response closes a half-open breaker (Guard.stream), not the end of this long call.
+                async with guard.stream(
+                    lambda timeout_s: self.down.vad.StreamDetect(
+                        self._vad_requests(state), timeout=timeout_s
+                    ),
+                    self.deadline,
+                    stage_timeout_s=0,
+                ) as responses:
+                    async for response in responses:
+                        self._vad_down = False
+                        await self._on_vad(response, offset_ms)
+                self._vad_down = False
             except BreakerOpen as exc:
                 await self._vad_failed(exc, state)
-                continue
-            started_s = self.clock.monotonic()
-            call = self.down.vad.StreamDetect(self._vad_requests(state), timeout=timeout_s)
-            try:
-                healthy = False
-                async for response in call:
-                    if not healthy:
-                        # The stream works: close the breaker now, not when this long call ends, so a
-                        # half-open probe does not block other streams' VAD calls for a whole stream.
-                        healthy = True
-                        guard.record(None, timeout_s, started_s)
-                        self._vad_down = False
-                    await self._on_vad(response, offset_ms)
-                if not healthy:
-                    guard.record(None, timeout_s, started_s)
-                self._vad_down = False
-            except asyncio.CancelledError:
-                guard.breaker.release()
-                call.cancel()
-                raise
             except grpc.aio.AioRpcError as exc:
-                guard.record(exc, timeout_s, started_s)
                 if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidArgument(f"VAD rejected the audio: {exc.details()}") from exc
                 await self._vad_failed(exc, state)
@@ -634,31 +623,23 @@ class StreamSession:
         state: dict[str, Any] = {"eof": False}
         while not state["eof"]:
             started: list[Utterance] = []
+
+            def call(timeout_s: float | None, started: list[Utterance] = started) -> Any:
+                return self.down.stt.StreamingRecognize(self._stt_requests(started, state), timeout=timeout_s)
+
             try:
-                timeout_s = self.deadline.timeout_for(None, guard.margin_s)
-                guard.breaker.acquire()
+                async with guard.stream(
+                    call,
+                    self.deadline,
+                    stage_timeout_s=0,
+                ) as responses:
+                    async for response in responses:
+                        for result in response.results:
+                            self._on_stt(result, started, state["offset_ms"] or 0)
+                self._lost(started, grpc.StatusCode.INTERNAL, "the STT stream ended without a final result")
             except BreakerOpen as exc:
                 await self._stt_failed(exc, state)
-                continue
-            started_s = self.clock.monotonic()
-            call = self.down.stt.StreamingRecognize(self._stt_requests(started, state), timeout=timeout_s)
-            try:
-                healthy = False
-                async for response in call:
-                    if not healthy:
-                        healthy = True
-                        guard.record(None, timeout_s, started_s)
-                    for result in response.results:
-                        self._on_stt(result, started, state["offset_ms"] or 0)
-                if not healthy:
-                    guard.record(None, timeout_s, started_s)
-                self._lost(started, grpc.StatusCode.INTERNAL, "the STT stream ended without a final result")
-            except asyncio.CancelledError:
-                guard.breaker.release()
-                call.cancel()
-                raise
             except grpc.aio.AioRpcError as exc:
-                guard.record(exc, timeout_s, started_s)
                 if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidArgument(f"STT rejected the stream: {exc.details()}") from exc
                 for utterance in started:

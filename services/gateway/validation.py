@@ -106,7 +106,7 @@ class StageCatalog:
             if cached is not None and now_s - cached[0] < self._ttl_s:
                 return cached[1]
             try:
-                listing = await self._down.guards[stage].call(fetch, deadline, idempotent=True)
+                listing = await self._down.guards[stage].call(fetch, deadline)
             except Exception as exc:  # noqa: BLE001 - no listing, no check: the utterances report the stage
                 logger.debug("%s listing unavailable, config not checked against it: %r", stage, exc)
                 return None
