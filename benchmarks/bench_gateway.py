@@ -8,7 +8,8 @@ the baseline). Every set is streamed at real time in 100 ms chunks, one stream a
 gateway in turn:
 
 - ``fleurs-en`` (en->fr) and ``fleurs-fr`` (fr->en: DIRECT mode, the gateway's default into English): each
-  recording its own stream, with 0.5 s of silence before and 1.5 s after;
+  recording its own stream, with 0.5 s of silence before and 1.5 s after; ``fleurs-fr-cascade``: the same
+  in CASCADE mode (the translation stage), to choose the default into English by measurement;
 - ``english``: the shared English sets other than LJSpeech (LibriSpeech, LibriVox, JFK), same way (en->fr);
 - ``ljspeech-long``: the LJSpeech sentences joined by 0.3 s pauses into one stream (en->fr); utterances run
   to the VAD's 30 s cap: the long-utterance case.
@@ -67,6 +68,7 @@ class Recording:
     pcm: bytes
     reference: str
     translation: str = ""  # human translation into TARGETS[language]; empty when the set has none
+    mode: int = gateway_pb2.TRANSLATION_MODE_UNSPECIFIED
 
 
 @dataclass
@@ -122,6 +124,10 @@ def _sets(limit: int) -> dict[str, list[Recording]]:
             for r in rows
             if r["language"] == language
         ][: limit or None]
+    sets["fleurs-fr-cascade"] = [
+        Recording(r.name, r.language, r.pcm, r.reference, r.translation, gateway_pb2.CASCADE)
+        for r in sets["fleurs-fr"]
+    ]
     english = [r for name in ("librispeech", "librivox", "jfk") for r in read_manifest(name)]
     sets["english"] = [
         Recording(r["file"], "en", read_wav(r["path"])[0], r["reference_text"]) for r in english
@@ -149,6 +155,7 @@ def _config(recording: Recording, interim: bool) -> gateway_pb2.TranslateSpeechC
         ),
         synthesize_speech=True,
         interim_results=interim,
+        mode=recording.mode,
     )
 
 
@@ -247,7 +254,7 @@ def _row(name: str, policy: str, results: list[StreamResult]) -> str:
     score_wer, score_chrf = _quality(results)
     lag = f"{np.mean(f['lag']):>5.2f} {_pct(f['lag'], 95):>5.2f}" if f["lag"] else f"{'-':>5} {'-':>5}"
     return (
-        f"{name:<14} {policy:<15} {len(f['final']):>3} "
+        f"{name:<17} {policy:<15} {len(f['final']):>3} "
         f"{_pct(f['audio'], 50):>6.2f} {_pct(f['audio'], 95):>6.2f} "
         f"{_pct(f['any_audio'], 50):>6.2f} {_pct(f['text'], 50):>6.2f} {_pct(f['text'], 95):>6.2f} "
         f"{_pct(f['final'], 50):>6.2f} {lag} {100 * score_wer:>5.1f} {score_chrf:>5.1f}"
@@ -287,7 +294,7 @@ def main() -> None:
         seconds = sum(len(r.pcm) for recordings in sets.values() for r in recordings) / 2 / SAMPLE_RATE_HZ
         print(f"{seconds:.0f} s of speech per policy, streamed at real time in {CHUNK_MS} ms chunks")
         print(
-            f"{'set':<14} {'policy':<15} {'n':>3} {'audio':>6} {'p95':>6} {'any':>6} {'text':>6} {'p95':>6} "
+            f"{'set':<17} {'policy':<15} {'n':>3} {'audio':>6} {'p95':>6} {'any':>6} {'text':>6} {'p95':>6} "
             f"{'final':>6} {'lag':>5} {'p95':>5} {'WER%':>5} {'chrF':>5}   (s; medians unless p95)"
         )
         by_set: dict[tuple[str, str], list[StreamResult]] = {}
@@ -312,7 +319,7 @@ def _goal(value_s: float, goal_s: float) -> str:
 
 def _verdicts(by_set: dict[tuple[str, str], list[StreamResult]]) -> None:
     """Prints each goal of issue 12 against the figures, with the ratio to the utterance path."""
-    for name in ("fleurs-en", "fleurs-fr"):
+    for name in ("fleurs-en", "fleurs-fr", "fleurs-fr-cascade"):
         live = _figures(by_set[(name, "local_agreement")])
         base = _figures(by_set[(name, "utterance")])
         p95, p50 = _pct(live["audio"], 95), _pct(live["audio"], 50)
