@@ -139,10 +139,13 @@ def _show(event: Any) -> None:
             f"[{event.utterance_index}] {label} ({t.language}) {t.start_ms / 1000:.2f}-"
             f"{t.end_ms / 1000:.2f} s: {t.text}"
         )
+    elif kind == "commit" and event.commit.words:
+        c = event.commit
+        _out(f"[{event.utterance_index}] committed {c.start_ms / 1000:.2f}-{c.end_ms / 1000:.2f} s: {c.text}")
     elif kind == "translation":
         _out(
-            f"[{event.utterance_index}] translation ({event.translation.target_language}): "
-            f"{event.translation.text}"
+            f"[{event.utterance_index}] translation ({event.translation.target_language}) clause "
+            f"{event.translation.clause_index}: {event.translation.text}"
         )
     elif kind == "error":
         e = event.error
@@ -155,6 +158,26 @@ def _show(event: Any) -> None:
             f"{t.end_of_speech_to_translation_ms:.0f} ms, -> first audio "
             f"{t.end_of_speech_to_first_audio_ms:.0f} ms"
         )
+
+
+def _speech_config(source: str, target: str, *, synthesize: bool, interim: bool, mode: str) -> Any:
+    """The ``TranslateSpeechConfig`` of a CLI stream: 16 kHz PCM_S16LE mono in; ``mode``: a TranslationMode."""
+    from parley.audio.v1 import audio_pb2
+    from parley.gateway.v1 import gateway_pb2
+
+    return gateway_pb2.TranslateSpeechConfig(
+        request_id=f"cli-{os.getpid()}-{int(time.time())}",
+        source_language=source,
+        target_language=target,
+        input_format=audio_pb2.AudioFormat(
+            encoding=audio_pb2.PCM_S16LE, sample_rate_hz=SAMPLE_RATE_HZ, channels=1
+        ),
+        synthesize_speech=synthesize and bool(target),
+        interim_results=interim,
+        mode=gateway_pb2.TranslationMode.Value(mode.upper())
+        if mode
+        else gateway_pb2.TRANSLATION_MODE_UNSPECIFIED,
+    )
 
 
 async def translate_file(
@@ -176,23 +199,9 @@ async def translate_file(
 
     ``tls`` verifies the gateway (``None``: plaintext); ``token`` is sent as a bearer token (empty: none).
     """
-    from parley.audio.v1 import audio_pb2
-    from parley.gateway.v1 import gateway_pb2
     from services.clients.gateway_client import Collector, GatewayClient, paced, split_pcm
 
-    config = gateway_pb2.TranslateSpeechConfig(
-        request_id=f"cli-{os.getpid()}-{int(time.time())}",
-        source_language=source,
-        target_language=target,
-        input_format=audio_pb2.AudioFormat(
-            encoding=audio_pb2.PCM_S16LE, sample_rate_hz=SAMPLE_RATE_HZ, channels=1
-        ),
-        synthesize_speech=synthesize and bool(target),
-        interim_results=interim,
-        mode=gateway_pb2.TranslationMode.Value(mode.upper())
-        if mode
-        else gateway_pb2.TRANSLATION_MODE_UNSPECIFIED,
-    )
+    config = _speech_config(source, target, synthesize=synthesize, interim=interim, mode=mode)
     chunks = split_pcm(pcm, 100)
     audio = paced(chunks) if realtime else chunks
     collector = Collector()

@@ -143,6 +143,41 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _add_flag(
+    parser: argparse.ArgumentParser,
+    field: dataclasses.Field[Any],
+    tp: Any,
+    env: Mapping[str, str],
+    secrets: dict[str, Any],
+) -> None:
+    """Adds the flag of one config field; its default is the environment's value, else the field's.
+
+    A secret field's value goes into ``secrets`` instead of the flag's default, so ``--help`` never shows it.
+    """
+    default = field.default
+    help_text = f"{field.metadata.get('help', '')} Env: {env_var(field.name)}."
+    raw_env = env.get(env_var(field.name))
+    if raw_env is not None:
+        try:
+            default = _parse_value(tp, raw_env)
+        except ValueError as exc:
+            parser.error(f"{env_var(field.name)}: {exc}")
+    base, _ = _base_type(tp)
+    choices = [m.value for m in base] if isinstance(base, type) and issubclass(base, enum.Enum) else None
+    if field.metadata.get("secret"):
+        secrets[field.name] = default
+        default = None  # the value itself stays out of --help
+        help_text += " Its value is never shown here."
+    parser.add_argument(
+        flag(field.name),
+        dest=field.name,
+        default=_show(default) if default is not None else None if field.name in secrets else "",
+        metavar=field.name.upper(),
+        choices=choices,
+        help=help_text,
+    )
+
+
 def load_config(
     cls: type[T],
     argv: Sequence[str] | None = None,
@@ -169,29 +204,7 @@ def load_config(
     )
     secrets: dict[str, Any] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        tp = hints[field.name]
-        default = field.default
-        help_text = f"{field.metadata.get('help', '')} Env: {env_var(field.name)}."
-        raw_env = env.get(env_var(field.name))
-        if raw_env is not None:
-            try:
-                default = _parse_value(tp, raw_env)
-            except ValueError as exc:
-                parser.error(f"{env_var(field.name)}: {exc}")
-        base, _ = _base_type(tp)
-        choices = [m.value for m in base] if isinstance(base, type) and issubclass(base, enum.Enum) else None
-        if field.metadata.get("secret"):
-            secrets[field.name] = default
-            default = None  # the value itself stays out of --help
-            help_text += " Its value is never shown here."
-        parser.add_argument(
-            flag(field.name),
-            dest=field.name,
-            default=_show(default) if default is not None else None if field.name in secrets else "",
-            metavar=field.name.upper(),
-            choices=choices,
-            help=help_text,
-        )
+        _add_flag(parser, field, hints[field.name], env, secrets)
     args = parser.parse_args(argv)
     values = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -214,30 +214,9 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
     engine = await asyncio.to_thread(stage.load, config)
     logger.info("%s: model loaded and warmed in %.1f s", stage.name, time.perf_counter() - started)
 
-    max_bytes = config.max_message_mb * 1024 * 1024
-    server = grpc.aio.server(
-        interceptors=[*server_interceptors(), *auth, StatusMappingInterceptor()],
-        options=[
-            ("grpc.max_receive_message_length", max_bytes),
-            ("grpc.max_send_message_length", max_bytes),
-            ("grpc.so_reuseport", 0),
-            # The gateway pings every 10 s to find connections that died silently (a network partition);
-            # its health Watch keeps a call open without data, so allow pings without data that often.
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-        ],
-    )
+    server = _grpc_server(config, auth)
     drain = stage.add_servicers(server, engine, config)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            *stage.service_names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    health = _add_health_and_reflection(server, stage.service_names)
     bind = f"{config.host}:{config.port}"
     port = (
         server.add_insecure_port(bind) if credentials is None else server.add_secure_port(bind, credentials)
@@ -270,6 +249,34 @@ async def serve(stage: Stage[C, E], config: C, *, stop: asyncio.Event | None = N
     if stage.close is not None:
         await asyncio.to_thread(stage.close, engine)
     logger.info("%s: stopped", stage.name)
+
+
+def _grpc_server(config: ServerConfig, auth: list[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
+    """The aio server with the interceptors every stage runs (tracing, auth, status codes) and its limits."""
+    max_bytes = config.max_message_mb * 1024 * 1024
+    return grpc.aio.server(
+        interceptors=[*server_interceptors(), *auth, StatusMappingInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.so_reuseport", 0),
+            # The gateway pings every 10 s to find connections that died silently (a network partition);
+            # its health Watch keeps a call open without data, so allow pings without data that often.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ],
+    )
+
+
+def _add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> HealthServicer:
+    """Registers ``grpc.health.v1`` and server reflection (for grpcurl) for the stage's services."""
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    return health
 
 
 def run(stage: Stage[C, E], config: C) -> None:

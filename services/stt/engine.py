@@ -590,7 +590,6 @@ class WhisperEngine:
             self._fall_back(decoded, features, prompts, tokenizers)
         threshold = self.gates.compression_ratio_threshold
         decoded = [_without_loops(d, t, threshold) for d, t in zip(decoded, tokenizers, strict=True)]
-        results = []
         splits = [
             segments_from_tokens(d.tokens, t.timestamp_begin, len(w.audio) / SAMPLE_RATE_HZ)
             for d, t, w in zip(decoded, tokenizers, windows, strict=True)
@@ -600,42 +599,49 @@ class WhisperEngine:
             if options.word_timestamps
             else [[() for _ in split] for split in splits]
         )
-        for window, d, tokenizer, split, split_words, (language, probability) in zip(
-            windows, decoded, tokenizers, splits, words, languages, strict=True
-        ):
-            segments = []
-            for (start_s, end_s, tokens), segment_words in zip(split, split_words, strict=True):
-                text = tokenizer.decode([t for t in tokens if t < tokenizer.eot])
-                segments.append(
-                    Segment(
-                        start_s=round(window.request_time_s(start_s), 3),
-                        end_s=round(window.request_time_s(end_s), 3),
-                        text=text,
-                        avg_logprob=d.avg_logprob,
-                        no_speech_prob=d.no_speech_prob,
-                        compression_ratio=get_compression_ratio(text),
-                        words=tuple(
-                            replace(
-                                w,
-                                start_s=window.request_time_s(w.start_s),
-                                end_s=window.request_time_s(w.end_s),
-                            )
-                            for w in segment_words
-                        ),
-                    )
-                )
-            kept, dropped = split_hallucinations(segments, self.gates)
-            results.append(
-                Transcript(
-                    text="".join(s.text for s in kept).strip(),
-                    language=language,
-                    language_probability=probability,
-                    duration_s=len(window.audio) / SAMPLE_RATE_HZ,
-                    segments=kept,
-                    dropped=dropped,
+        return [
+            self._transcript(*item)
+            for item in zip(windows, decoded, tokenizers, splits, words, languages, strict=True)
+        ]
+
+    def _transcript(
+        self,
+        window: Window,
+        decoded: _Decoded,
+        tokenizer: Tokenizer,
+        split: list[tuple[float, float, list[int]]],
+        split_words: Sequence[tuple[Word, ...]],
+        language: tuple[str, float],
+    ) -> Transcript:
+        """One window's transcript: its segments in request time, hallucinated ones moved to ``dropped``."""
+        segments = []
+        for (start_s, end_s, tokens), segment_words in zip(split, split_words, strict=True):
+            text = tokenizer.decode([t for t in tokens if t < tokenizer.eot])
+            segments.append(
+                Segment(
+                    start_s=round(window.request_time_s(start_s), 3),
+                    end_s=round(window.request_time_s(end_s), 3),
+                    text=text,
+                    avg_logprob=decoded.avg_logprob,
+                    no_speech_prob=decoded.no_speech_prob,
+                    compression_ratio=get_compression_ratio(text),
+                    words=tuple(
+                        replace(
+                            w, start_s=window.request_time_s(w.start_s), end_s=window.request_time_s(w.end_s)
+                        )
+                        for w in segment_words
+                    ),
                 )
             )
-        return results
+        kept, dropped = split_hallucinations(segments, self.gates)
+        return Transcript(
+            text="".join(s.text for s in kept).strip(),
+            language=language[0],
+            language_probability=language[1],
+            duration_s=len(window.audio) / SAMPLE_RATE_HZ,
+            segments=kept,
+            dropped=dropped,
+        )
 
     def _features(self, audio: np.ndarray, window_s: float, frames: int) -> np.ndarray:
         """Log-mel features of ``audio`` zero-padded to ``window_s``: shape (n_mels, frames), float32."""

@@ -157,64 +157,51 @@ class VadServicer(vad_pb2_grpc.VoiceActivityDetectionServicer):
         fmt = config.format
         pcm = PcmStream(fmt.encoding, fmt.sample_rate_hz, fmt.channels, target_rate_hz=SAMPLE_RATE_HZ)
         endpointer = StreamEndpointer(params)
-        request_id = config.request_id
-
-        def responses(events: list[Event]) -> list[vad_pb2.StreamDetectResponse]:
-            processed_ms = round(pcm.duration_s * 1000)
-            out = []
-            for event in events:
-                if isinstance(event, SpeechStart):
-                    out.append(
-                        vad_pb2.StreamDetectResponse(
-                            request_id=request_id,
-                            speech_started=vad_pb2.SpeechStarted(start_ms=event.start_ms),
-                            audio_processed_ms=processed_ms,
-                        )
-                    )
-                elif isinstance(event, SpeechPause):
-                    out.append(
-                        vad_pb2.StreamDetectResponse(
-                            request_id=request_id,
-                            speech_paused=vad_pb2.SpeechPaused(start_ms=event.start_ms, end_ms=event.end_ms),
-                            audio_processed_ms=processed_ms,
-                        )
-                    )
-                else:
-                    out.append(
-                        vad_pb2.StreamDetectResponse(
-                            request_id=request_id,
-                            speech_ended=vad_pb2.SpeechEnded(segment=_segment_pb(event.segment)),
-                            audio_processed_ms=processed_ms,
-                        )
-                    )
-            return out
-
         reported_ms = 0
         async for message in request_iterator:
             if message.WhichOneof("request") != "audio":
                 raise InvalidArgument("StreamDetect takes one config, as the first message only; then audio")
-            windows = endpointer.add(pcm.push(message.audio))
-            if windows is not None:
-                probs, state = await self._infer(windows, endpointer.state, context, self._stream_priority)
-                out = responses(endpointer.accept(probs, state))
-                processed_ms = round(pcm.duration_s * 1000)
-                if not out and processed_ms - reported_ms >= PROGRESS_INTERVAL_MS:
-                    out = [
-                        vad_pb2.StreamDetectResponse(request_id=request_id, audio_processed_ms=processed_ms)
-                    ]
-                for response in out:
-                    reported_ms = response.audio_processed_ms
-                    yield response
+            events = await self._accept(endpointer, endpointer.add(pcm.push(message.audio)), context)
+            processed_ms = round(pcm.duration_s * 1000)
+            out = _responses(events, config.request_id, processed_ms)
+            if not out and processed_ms - reported_ms >= PROGRESS_INTERVAL_MS:
+                out = [
+                    vad_pb2.StreamDetectResponse(
+                        request_id=config.request_id, audio_processed_ms=processed_ms
+                    )
+                ]
+            for response in out:
+                reported_ms = response.audio_processed_ms
+                yield response
         tail = pcm.flush()
-        windows = endpointer.add(tail) if len(tail) else None
-        events: list[Event] = []
-        if windows is not None:
-            probs, state = await self._infer(windows, endpointer.state, context, self._stream_priority)
-            events += endpointer.accept(probs, state)
-        windows = endpointer.flush()
-        if windows is not None:
-            probs, state = await self._infer(windows, endpointer.state, context, self._stream_priority)
-            events += endpointer.accept(probs, state)
+        events = await self._accept(endpointer, endpointer.add(tail) if len(tail) else None, context)
+        events += await self._accept(endpointer, endpointer.flush(), context)
         events += endpointer.finish()
-        for response in responses(events):
+        for response in _responses(events, config.request_id, round(pcm.duration_s * 1000)):
             yield response
+
+    async def _accept(
+        self, endpointer: StreamEndpointer, windows: np.ndarray | None, context: grpc.aio.ServicerContext
+    ) -> list[Event]:
+        """Runs the model on a stream's new windows (none: no call) and returns the events they decide."""
+        if windows is None:
+            return []
+        probs, state = await self._infer(windows, endpointer.state, context, self._stream_priority)
+        return endpointer.accept(probs, state)
+
+
+def _responses(events: list[Event], request_id: str, processed_ms: int) -> list[vad_pb2.StreamDetectResponse]:
+    """One StreamDetect response per event, each reporting ``processed_ms``."""
+    out = []
+    for event in events:
+        response = vad_pb2.StreamDetectResponse(request_id=request_id, audio_processed_ms=processed_ms)
+        if isinstance(event, SpeechStart):
+            response.speech_started.start_ms = event.start_ms
+        elif isinstance(event, SpeechPause):
+            response.speech_paused.CopyFrom(
+                vad_pb2.SpeechPaused(start_ms=event.start_ms, end_ms=event.end_ms)
+            )
+        else:
+            response.speech_ended.segment.CopyFrom(_segment_pb(event.segment))
+        out.append(response)
+    return out
