@@ -161,7 +161,7 @@ def _show(event: Any) -> None:
 
 
 def _speech_config(source: str, target: str, *, synthesize: bool, interim: bool, mode: str) -> Any:
-    """The ``TranslateSpeechConfig`` of a CLI stream: 16 kHz PCM_S16LE mono in; ``mode``: a TranslationMode."""
+    """The ``TranslateSpeechConfig`` of a CLI stream (16 kHz PCM_S16LE mono); ``mode``: a TranslationMode."""
     from parley.audio.v1 import audio_pb2
     from parley.gateway.v1 import gateway_pb2
 
