@@ -58,6 +58,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -480,6 +481,14 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
 
 
+_INSTANCE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def busy_instance_threads() -> list[str]:
+    """Names of the batchers' inference threads still running (a batch a close did not wait out)."""
+    return sorted(thread.name for thread in _INSTANCE_THREADS if thread.is_alive())
+
+
 class DynamicBatcher(Generic[I, O]):
     """Queues requests from asyncio servicers and computes them in batches on model-instance threads.
 
@@ -539,6 +548,7 @@ class DynamicBatcher(Generic[I, O]):
             for i, fn in enumerate(batch_fns)
         ]
         for thread in self._threads:
+            _INSTANCE_THREADS.add(thread)
             thread.start()
 
     @property

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -29,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
 from services.common.auth import TokenAuthInterceptor, load_tokens
+from services.common.batching import busy_instance_threads
 from services.common.config import ConfigError, ServerConfig
 from services.common.errors import ParleyError
 from services.common.handlers import same_kind
@@ -295,3 +298,12 @@ def run(stage: Stage[C, E], config: C) -> None:
     finally:
         if provider is not None:
             provider.shutdown()
+    busy = busy_instance_threads()
+    if busy:
+        # A native batch (CTranslate2) still running on a daemon thread would crash the interpreter's
+        # finalization as it frees the model under it (SIGSEGV, seen with Whisper): leave without it.
+        logger.info("%s: exiting with %s still running", stage.name, ", ".join(busy))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

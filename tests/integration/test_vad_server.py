@@ -97,7 +97,7 @@ async def test_silence_and_quiet_white_noise_have_no_speech(stub):
         assert [r.WhichOneof("event") for r in events] == []
 
 
-async def test_progress_is_reported_each_second_without_an_event(stub):
+async def test_progress_is_reported_every_200_ms_without_an_event(stub):
     """An event-less response tells a caller (the gateway) how far endpointing got, during silence too."""
     pcm, _ = read_wav(read_manifest("jfk")[0]["path"])
     silence = pcm16(np.zeros(4 * 16000, dtype=np.float32))
@@ -105,9 +105,9 @@ async def test_progress_is_reported_each_second_without_an_event(stub):
     processed = [r.audio_processed_ms for r in responses]
     assert processed == sorted(processed) and processed[-1] >= 18000
     progress = [r.audio_processed_ms for r in responses if r.WhichOneof("event") is None]
-    assert 900 <= progress[0] <= 1500, progress
-    # No stretch of a second or more without a response, before the stream's end.
-    assert all(b - a <= 1500 for a, b in zip([0, *processed[:-1]], processed, strict=True)), processed
+    assert 200 <= progress[0] <= 300, progress  # 20 ms chunks: the first whole 32 ms frame past 200 ms
+    # No stretch of more than 200 ms (and a frame) without a response, before the stream's end.
+    assert all(b - a <= 300 for a, b in zip([0, *processed[:-1]], processed, strict=True)), processed
     assert [r.WhichOneof("event") for r in responses if r.WhichOneof("event")][:1] == ["speech_started"]
 
 
