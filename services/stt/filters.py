@@ -1,4 +1,4 @@
-"""Hallucination filter for Whisper segments, and the stability heuristic of interim results.
+"""Hallucination filter for Whisper segments.
 
 Pure functions over plain data: no model, no grpc.
 """
@@ -102,23 +102,3 @@ def split_hallucinations(segments: Sequence[S], gates: HallucinationGates) -> tu
         else:
             kept.append(segment)
     return kept, dropped
-
-
-def stability(previous: str | None, current: str) -> float:
-    """Estimate in [0, 1] that an interim transcript will not change.
-
-    Heuristic: the share of ``current``'s words (normalised) that repeat the previous interim's words in
-    the same positions from the start, i.e. the longest common word prefix over the current length. A
-    first interim (``previous`` None) or an empty one scores 0; a transcript that only grew by appending
-    words scores the share of old words.
-    """
-    words = normalize_text(current).split()
-    if previous is None or not words:
-        return 0.0
-    before = normalize_text(previous).split()
-    agreed = 0
-    for old, new in zip(before, words, strict=False):
-        if old != new:
-            break
-        agreed += 1
-    return agreed / len(words)

@@ -1,4 +1,4 @@
-"""The STT hallucination filter, language mapping and interim stability, on fake segments."""
+"""The STT hallucination filter and language mapping, on fake segments."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from services.common.errors import InvalidArgument
 from services.stt.config import DEFAULT_HALLUCINATION_PHRASES, SttConfig
 from services.stt.engine import whisper_language
-from services.stt.filters import HallucinationGates, normalize_text, split_hallucinations, stability
+from services.stt.filters import HallucinationGates, normalize_text, split_hallucinations
 
 
 @dataclass
@@ -114,17 +114,6 @@ def test_split_keeps_order_and_returns_dropped():
         " ...",
         " Hmm.",
     ]
-
-
-def test_stability_is_the_agreed_prefix_share():
-    assert stability(None, "hello world") == 0.0
-    assert stability("hello", "") == 0.0
-    assert stability("hello world", "Hello, world!") == 1.0
-    assert stability("the cat sat", "the cat sat on the mat") == pytest.approx(0.5)
-    assert stability("the dog sat", "the cat sat on") == pytest.approx(0.25)
-    assert stability("a completely different guess", "nothing alike") == 0.0
-    for previous, current in [("x y", "x y z"), ("z", "a b"), ("a b c d", "a")]:
-        assert 0.0 <= stability(previous, current) <= 1.0
 
 
 LANGS = frozenset({"en", "fr", "de", "he", "jw", "no", "tl"})
