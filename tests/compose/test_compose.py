@@ -349,15 +349,19 @@ async def test_two_replicas_share_the_calls_and_survive_one_crash(cluster):
             for c in replicas[svc]
         ]
 
+    # A live stream holds one STT StreamingRecognize call (counted when it ends) and one Translate call
+    # per clause: four streams, one recording each, spread the STT calls over the replicas.
     stt_method, tr_method = (
-        "/parley.stt.v1.SpeechToText/Transcribe",
+        "/parley.stt.v1.SpeechToText/StreamingRecognize",
         "/parley.translate.v1.Translation/Translate",
     )
     before = {"stt-cpu": counts("stt-cpu", stt_method), "translate-cpu": counts("translate-cpu", tr_method)}
-    stream = LiveStream(cluster.gateway_address, "compose-replicas").start()
     for i, f in enumerate(FILES[:4]):
-        stream.send(fleurs_pcm(f))
-        await stream.wait_for(lambda n=i + 1: stream.finished(n), 180)
+        one = LiveStream(cluster.gateway_address, f"compose-replicas-{i}").start()
+        one.send(fleurs_pcm(f))
+        await one.wait_for(lambda one=one: one.finished(1), 180)
+        await one.close()
+        assert not one.lost(), one.collector.events
     spread = {
         svc: [a - b for a, b in zip(counts(svc, m), before[svc], strict=True)]
         for svc, m in (("stt-cpu", stt_method), ("translate-cpu", tr_method))
@@ -365,6 +369,7 @@ async def test_two_replicas_share_the_calls_and_survive_one_crash(cluster):
     assert all(min(calls) >= 1 for calls in spread.values()), spread
 
     crash(replicas["stt-cpu"][0])
+    stream = LiveStream(cluster.gateway_address, "compose-replicas").start()
     for f in FILES[:3]:
         n = len(stream.collector.utterances) + 1
         stream.send(fleurs_pcm(f))
