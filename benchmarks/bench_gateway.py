@@ -7,9 +7,9 @@ committed while the speaker talks, each clause is translated and spoken at once:
 the baseline). Every set is streamed at real time in 100 ms chunks, one stream at a time, through each
 gateway in turn:
 
-- ``fleurs-en`` (en->fr) and ``fleurs-fr`` (fr->en: DIRECT mode, the gateway's default into English): each
-  recording its own stream, with 0.5 s of silence before and 1.5 s after; ``fleurs-fr-cascade``: the same
-  in CASCADE mode (the translation stage), to choose the default into English by measurement;
+- ``fleurs-en`` (en->fr) and ``fleurs-fr`` (fr->en, CASCADE: the gateway's default): each recording its own
+  stream, with 0.5 s of silence before and 1.5 s after; ``fleurs-fr-direct``: the same in DIRECT mode
+  (Whisper's translate task per clause), the measurement behind the default;
 - ``english``: the shared English sets other than LJSpeech (LibriSpeech, LibriVox, JFK), same way (en->fr);
 - ``ljspeech-long``: the LJSpeech sentences joined by 0.3 s pauses into one stream (en->fr); utterances run
   to the VAD's 30 s cap: the long-utterance case.
@@ -39,6 +39,7 @@ first N recordings of each set (quick runs).
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import time
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class Utterance:
     words: list[tuple[int, int]] = field(default_factory=list)  # (word end ms, clause index)
     audio: list[tuple[float, int, float]] = field(default_factory=list)  # (arrival s, clause, duration s)
     interims: int = 0
+    errors: list[str] = field(default_factory=list)  # "stage CODE"
     gateway_audio_s: float | None = None  # the gateway's own end_of_speech_to_first_audio_ms, in s
 
 
@@ -124,8 +126,8 @@ def _sets(limit: int) -> dict[str, list[Recording]]:
             for r in rows
             if r["language"] == language
         ][: limit or None]
-    sets["fleurs-fr-cascade"] = [
-        Recording(r.name, r.language, r.pcm, r.reference, r.translation, gateway_pb2.CASCADE)
+    sets["fleurs-fr-direct"] = [
+        Recording(r.name, r.language, r.pcm, r.reference, r.translation, gateway_pb2.DIRECT)
         for r in sets["fleurs-fr"]
     ]
     english = [r for name in ("librispeech", "librivox", "jfk") for r in read_manifest(name)]
@@ -170,6 +172,8 @@ def _record(result: StreamResult, event: gateway_pb2.TranslateSpeechResponse, no
         u.start_ms, u.end_ms = event.transcript.start_ms, event.transcript.end_ms
     elif kind == "transcript":
         u.interims += 1
+    elif kind == "error":
+        u.errors.append(f"{event.error.stage} {event.error.code}: {event.error.message[:80]}")
     elif kind == "translation":
         u.translation.append(event.translation.text)
     elif kind == "timings" and event.timings.end_of_speech_to_first_audio_ms:
@@ -258,7 +262,16 @@ def _row(name: str, policy: str, results: list[StreamResult]) -> str:
         f"{_pct(f['audio'], 50):>6.2f} {_pct(f['audio'], 95):>6.2f} "
         f"{_pct(f['any_audio'], 50):>6.2f} {_pct(f['text'], 50):>6.2f} {_pct(f['text'], 95):>6.2f} "
         f"{_pct(f['final'], 50):>6.2f} {lag} {100 * score_wer:>5.1f} {score_chrf:>5.1f}"
+    ) + _errors(results)
+
+
+def _errors(results: list[StreamResult]) -> str:
+    """The error events of the streams, counted by stage and code (empty when none)."""
+    counts = collections.Counter(
+        e.split(":")[0] for r in results for u in r.utterances.values() for e in u.errors
     )
+    first = next((e for r in results for u in r.utterances.values() for e in u.errors), "")
+    return f"  errors {dict(counts)}, first: {first}" if counts else ""
 
 
 async def _level(address: str, recordings: list[Recording], concurrency: int) -> list[StreamResult]:
@@ -319,7 +332,7 @@ def _goal(value_s: float, goal_s: float) -> str:
 
 def _verdicts(by_set: dict[tuple[str, str], list[StreamResult]]) -> None:
     """Prints each goal of issue 12 against the figures, with the ratio to the utterance path."""
-    for name in ("fleurs-en", "fleurs-fr", "fleurs-fr-cascade"):
+    for name in ("fleurs-en", "fleurs-fr", "fleurs-fr-direct"):
         live = _figures(by_set[(name, "local_agreement")])
         base = _figures(by_set[(name, "utterance")])
         p95, p50 = _pct(live["audio"], 95), _pct(live["audio"], 50)

@@ -559,9 +559,22 @@ class WhisperEngine:
 
     @staticmethod
     def batch_key(window: Window) -> Hashable:
-        """Windows sharing a batch share a bucket, beam size and fallback; word alignment also a language."""
+        """Windows sharing a batch share a bucket, beam size and fallback; word alignment also a language.
+
+        They also share their initial prompt and hotwords (the decoder's previous-text section): CTranslate2's
+        Whisper ``generate`` needs the start-of-transcript token at one position in the whole batch, so
+        windows whose prompts differ in length cannot be decoded together (seen as INTERNAL errors when
+        streams, each with its own committed text as prompt, were batched).
+        """
         o = window.options
-        return (window.window_s, o.beam_size, o.temperature_fallback, o.word_timestamps and o.language)
+        return (
+            window.window_s,
+            o.beam_size,
+            o.temperature_fallback,
+            o.word_timestamps and o.language,
+            o.initial_prompt,
+            o.hotwords,
+        )
 
     def transcribe_batch(self, windows: Sequence[Window]) -> list[Transcript]:
         """Decodes windows of one :meth:`batch_key` together; blocking, call it on an instance thread.

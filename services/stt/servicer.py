@@ -34,7 +34,7 @@ from parley.stt.v1 import stt_pb2, stt_pb2_grpc
 from services.common.audio import PcmStream, decode_pcm
 from services.common.batching import DynamicBatcher
 from services.common.deadlines import Deadline
-from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from services.common.inference import InferencePool
 from services.common.streams import StreamSlots, bounded_requests
 from services.stt.config import SttConfig
@@ -259,7 +259,16 @@ class SpeechToTextServicer(stt_pb2_grpc.SpeechToTextServicer):
                     options = dataclasses.replace(options, language=job.language)
                 options = dataclasses.replace(options, initial_prompt=job.prompt or None)
                 priority = _FINAL_PRIORITY if job.final else _INTERIM_PRIORITY
-                transcript = await self._decode(job.audio, options, context, priority)
+                try:
+                    transcript = await self._decode(job.audio, options, context, priority)
+                except ResourceExhausted:
+                    if job.final:
+                        raise
+                    # An agreement decode is an early look only: under overload it is skipped (the next
+                    # one covers more audio; the pause or end decodes everything), the stream goes on.
+                    logger.info("stream %s: decode skipped, the batcher's queue is full", stream.request_id)
+                    stream.recognizer.apply(job, [], "")
+                    continue
                 for update in stream.recognizer.apply(
                     job, _timed_words(transcript, job.offset_ms), transcript.language
                 ):

@@ -423,7 +423,9 @@ async def test_events_stay_in_utterance_order_while_stages_pipeline(cluster):
 
 @pytest.mark.timeout(30)
 async def test_direct_mode_uses_whisper_translate_without_the_translation_stage(cluster):
-    result = await run_stream(cluster.gateway, config(target_language="en"), speech(1.0))
+    result = await run_stream(
+        cluster.gateway, config(target_language="en", mode=gateway_pb2.DIRECT), speech(1.0)
+    )
     u = result.utterances[0]
     assert u.transcript == "words 1" and u.translation == "en: words 1"
     assert cluster.translation.calls == 0

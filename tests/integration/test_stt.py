@@ -451,3 +451,15 @@ def test_concurrent_streams_are_independent(stub):
     for i, row in enumerate(rows):
         text = " ".join(r.transcript for r in results(outputs[i], True))
         assert wer([row["reference_text"]], [text], "en") <= 0.25, text
+
+
+def test_concurrent_requests_with_different_prompts_are_not_batched_into_one_failure(stub):
+    """CTranslate2 decodes a batch only when every prompt puts start-of-transcript at one position: windows
+    with different prompts (each live stream prompts with its own committed text) must not share a batch."""
+    pcm, _ = read_wav(read_manifest("jfk")[0]["path"])
+    prompts = ["", "Kennedy.", "A speech given in Washington at the inauguration of the president, 1961."]
+    with ThreadPoolExecutor(len(prompts) * 2) as pool:
+        texts = list(
+            pool.map(lambda p: transcribe(stub, pcm, language="en", initial_prompt=p).text, prompts * 2)
+        )
+    assert all("country" in text.lower() for text in texts), texts
