@@ -132,6 +132,11 @@ class SttConfig(StreamLimitsConfig, BatchingConfig, ServerConfig):
         "Streaming: uncommitted audio longer than this is cut at the last committed word, in seconds, so "
         "each decode stays short (it is cut at every committed clause end anyway).",
     )
+    context_s: float = option(
+        2.0,
+        "Streaming: committed audio before the uncommitted part that each decode still gets, in seconds "
+        "(its words are dropped from the result): the model hears what came just before.",
+    )
     interim_beam_size: int = option(
         1,
         "Streaming: beam size of the decodes between pauses (greedy is cheapest); pauses and ends use "

@@ -415,6 +415,7 @@ class _Stream:
             policy=policy,
             min_chunk_s=config.min_chunk_s,
             buffer_trim_s=config.buffer_trim_s,
+            context_s=config.context_s,
             interim_results=streaming.interim_results,
         )
         self.recognizer = StreamRecognizer(params, recognition.initial_prompt, base.language)

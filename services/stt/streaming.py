@@ -12,7 +12,8 @@ caller's VAD boundaries added:
   (an n-gram of 1 to 5 words, whisper_streaming's rule).
 - LocalAgreement-2: the words the previous and the current hypothesis agree on, from their start, are
   committed (compared without case and punctuation; the current hypothesis's spelling and times are
-  kept). Committed words are never retracted.
+  kept), except the current hypothesis's last word: at the end of the audio Whisper often cuts it or closes
+  it with a full stop that more audio takes back. Committed words are never retracted.
 - After a commit the buffer is cut at the end of the last committed word when that word closes a clause
   (punctuation) or when the buffer is longer than ``buffer_trim_s``, so the next decode stays short.
 - A PAUSE boundary (the VAD saw a short silence) decodes the buffer up to the pause with the final options
@@ -82,6 +83,8 @@ class StreamingParams:
             ``--min-chunk-size``, 1 s).
         buffer_trim_s: A buffer longer than this is cut at the last committed word, in seconds.
         lookback_s: Audio kept before an utterance starts, for a START that refers to the past, in seconds.
+        context_s: Committed audio before the cut that each decode still gets, in seconds (its words are
+            dropped from the hypothesis): the model hears the words before the ones it decodes.
         interim_results: The caller wants results whose only news is unstable text.
     """
 
@@ -89,6 +92,7 @@ class StreamingParams:
     min_chunk_s: float = 1.0
     buffer_trim_s: float = 6.0
     lookback_s: float = 3.0
+    context_s: float = 2.0
     interim_results: bool = False
 
 
@@ -262,7 +266,11 @@ class StreamRecognizer:
         """Appends float32 16 kHz samples, shape (n,), and drops audio no utterance can need any more."""
         self._audio = np.concatenate([self._audio, samples.astype(np.float32, copy=False)])
         oldest = self._waiting[0] if self._waiting else self._open
-        keep_ms = oldest.cut_ms if oldest is not None else self.end_ms - int(self.params.lookback_s * 1000)
+        keep_ms = (
+            self._decode_from_ms(oldest)
+            if oldest is not None
+            else self.end_ms - int(self.params.lookback_s * 1000)
+        )
         drop = max(0, keep_ms * SAMPLES_PER_MS - self._base)
         if drop:
             self._audio = self._audio[drop:]
@@ -328,21 +336,26 @@ class StreamRecognizer:
     def _job(
         self, utterance: _Utterance, to_ms: int, final: bool, boundary: BoundaryKind | None = None
     ) -> DecodeJob:
-        start = max(0, utterance.cut_ms * SAMPLES_PER_MS - self._base)
+        start = max(0, self._decode_from_ms(utterance) * SAMPLES_PER_MS - self._base)
         stop = max(start, to_ms * SAMPLES_PER_MS - self._base)
         return DecodeJob(
             utterance_index=utterance.index,
             audio=self._audio[start:stop].copy(),
             offset_ms=(self._base + start) // SAMPLES_PER_MS,
-            prompt=self._prompt(utterance),
+            prompt=self._prompt(utterance, (self._base + start) // SAMPLES_PER_MS),
             final=final,
             boundary=boundary,
             language=utterance.language or self._language,
         )
 
-    def _prompt(self, utterance: _Utterance) -> str:
-        before_cut = [w for w in utterance.committed if w.end_ms <= utterance.cut_ms]
-        text = " ".join(t for t in (self._initial_prompt, self._history, join_words(before_cut)) if t)
+    def _decode_from_ms(self, utterance: _Utterance) -> int:
+        """Where a decode of the utterance starts: ``context_s`` of committed audio before the cut."""
+        return max(utterance.start_ms, utterance.cut_ms - int(self.params.context_s * 1000))
+
+    def _prompt(self, utterance: _Utterance, audio_from_ms: int) -> str:
+        """Committed text said before ``audio_from_ms`` (the decode's audio holds the rest)."""
+        before = [w for w in utterance.committed if w.end_ms <= audio_from_ms]
+        text = " ".join(t for t in (self._initial_prompt, self._history, join_words(before)) if t)
         return text[-_PROMPT_CHARS:].lstrip()
 
     def _settle(self) -> list[Update]:
@@ -380,7 +393,9 @@ class StreamRecognizer:
             return self._flushed(utterance, kind, at_ms, hypothesis) + self._settle()
         agreed: list[TimedWord] = []
         if self.params.policy is Policy.LOCAL_AGREEMENT:
-            for old, new in zip(utterance.hypothesis, hypothesis, strict=False):
+            # The hypothesis's last word waits: at the end of the audio Whisper often cuts it or ends it
+            # with a full stop that more audio takes back, which would close a clause too early.
+            for old, new in zip(utterance.hypothesis, hypothesis[:-1], strict=False):
                 if old.key != new.key:
                     break
                 agreed.append(new)

@@ -59,7 +59,7 @@ def test_local_agreement_commits_what_two_hypotheses_agree_on_and_never_retracts
 
 
 def test_a_clause_closing_word_splits_the_commit_and_cuts_the_buffer_at_its_end():
-    rec = StreamRecognizer(StreamingParams(min_chunk_s=0.5), language="en")
+    rec = StreamRecognizer(StreamingParams(min_chunk_s=0.5, context_s=0.0), language="en")
     rec.boundary(BoundaryKind.START, 0)
     first = words(("Hello,", 0, 400), ("my", 500, 700), ("friend", 700, 1000))
     feed_ms(rec, 1000)
@@ -100,7 +100,7 @@ def test_pause_commits_the_whole_tail_as_a_clause_and_end_needs_no_second_decode
 
 
 def test_speech_after_a_pause_is_a_new_clause_and_the_final_is_all_commits():
-    rec = StreamRecognizer(StreamingParams(), language="en")
+    rec = StreamRecognizer(StreamingParams(context_s=0.0), language="en")
     rec.boundary(BoundaryKind.START, 0)
     feed_ms(rec, 1000)
     rec.boundary(BoundaryKind.PAUSE, 900)
@@ -123,13 +123,30 @@ def test_an_end_closes_the_open_clause_even_when_agreement_committed_its_words()
     feed_ms(rec, 900)
     rec.apply(rec.next_job(), hyp, "en")
     feed_ms(rec, 600)
-    rec.apply(rec.next_job(), hyp, "en")  # both words agreed, clause still open
-    updates = rec.boundary(BoundaryKind.END, 900)  # tail since the last cut is short: settled at once
-    if not updates:
-        updates = rec.apply(rec.next_job(), [], "en")
+    agreed = rec.apply(rec.next_job(), hyp, "en")
+    # Both hypotheses end with "morning": the last word waits for more audio; "good" is committed.
+    assert [(c.text, c.closes_clause) for u in agreed for c in u.commits] == [("good", False)]
+    rec.boundary(BoundaryKind.END, 1400)
+    updates = rec.apply(rec.next_job(), words(("good", 0, 300)), "en")  # the tail decode finds nothing new
     closing = [c for u in updates for c in u.commits]
     assert [(c.words, c.closes_clause) for c in closing] == [((), True)]
-    assert updates[-1].is_final and updates[-1].transcript == "good morning"
+    assert updates[-1].is_final and updates[-1].transcript == "good"
+
+
+def test_the_last_word_of_a_hypothesis_waits_for_more_audio():
+    rec = StreamRecognizer(StreamingParams(min_chunk_s=0.5), language="en")
+    rec.boundary(BoundaryKind.START, 0)
+    feed_ms(rec, 1000)
+    rec.apply(rec.next_job(), words(("it", 0, 200), ("ends.", 200, 900)), "en")
+    feed_ms(rec, 600)
+    # Whisper closed the buffer's last word with a full stop both times; the speaker goes on.
+    updates = rec.apply(rec.next_job(), words(("it", 0, 200), ("ends.", 200, 900)), "en")
+    assert [(c.text, c.closes_clause) for u in updates for c in u.commits] == [("it", False)]
+    feed_ms(rec, 600)
+    updates = rec.apply(
+        rec.next_job(), words(("ends", 200, 900), ("here", 900, 1300), ("now", 1300, 1600)), "en"
+    )
+    assert [(c.text, c.closes_clause) for u in updates for c in u.commits] == [("ends", False)]
 
 
 def test_utterance_policy_commits_nothing_before_the_end_and_ignores_pauses():
@@ -183,3 +200,20 @@ def test_whole_stream_without_boundaries_is_one_utterance_ended_by_finish():
     assert job.final and job.boundary is BoundaryKind.END
     final = rec.apply(job, words(("yes", 100, 500)), "en")
     assert final[-1].is_final and final[-1].transcript == "yes"
+
+
+def test_decodes_hear_the_committed_audio_before_the_cut_without_committing_it_again():
+    rec = StreamRecognizer(StreamingParams(context_s=1.0), language="en")
+    rec.boundary(BoundaryKind.START, 0)
+    feed_ms(rec, 3000)
+    rec.boundary(BoundaryKind.PAUSE, 2900)
+    first = words(("one", 100, 900), ("two", 1000, 1800), ("three", 1900, 2800))
+    rec.apply(rec.next_job(), first, "en")
+    feed_ms(rec, 1500)
+    rec.boundary(BoundaryKind.END, 4400)
+    job = rec.next_job()
+    # One second of context before the pause's cut; the prompt holds only what was said before it.
+    assert job.offset_ms == 1900 and job.prompt == "one two"
+    updates = rec.apply(job, words(("three", 1900, 2800), ("four", 3000, 4300)), "en")
+    assert [c.text for u in updates for c in u.commits] == ["four"]
+    assert updates[-1].transcript == "one two three four"
