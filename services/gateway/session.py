@@ -96,7 +96,9 @@ _SttItem = tuple[stt_pb2.StreamingRecognizeRequest, "Utterance | None", int]
 
 
 class AudioBuffer:
-    """Ring buffer of the stream's most recent audio, float32 16 kHz mono, addressed by absolute sample index.
+    """Ring buffer of the stream's most recent audio, PCM_S16LE 16 kHz mono, by absolute sample index.
+
+    Held as VAD and STT take it, so each sample is converted once.
 
     Args:
         capacity_samples: Samples kept; older audio is overwritten.
@@ -104,11 +106,11 @@ class AudioBuffer:
 
     def __init__(self, capacity_samples: int):
         self.capacity = max(1, capacity_samples)
-        self._data = np.zeros(self.capacity, dtype=np.float32)
+        self._data = np.zeros(self.capacity, dtype="<i2")
         self.end = 0
 
     def push(self, samples: np.ndarray) -> None:
-        """Appends samples (float32, shape ``(n,)``)."""
+        """Appends samples (int16, shape ``(n,)``)."""
         n = len(samples)
         if n == 0:
             return
@@ -124,7 +126,7 @@ class AudioBuffer:
         start = max(start, self.end - self.capacity, 0)
         stop = min(stop, self.end)
         if stop <= start:
-            return np.zeros(0, dtype=np.float32)
+            return np.zeros(0, dtype="<i2")
         idx = np.arange(start, stop) % self.capacity
         return self._data[idx]
 
@@ -139,7 +141,6 @@ class Clause:
     start_ms: int
     end_ms: int
     closed_at_s: float  # when the gateway learnt its speech ended (boundary or commit)
-    committed_at_s: float
     translation: str = ""
     timings: gateway_pb2.ClauseTimings = field(default_factory=gateway_pb2.ClauseTimings)
 
@@ -225,7 +226,7 @@ class StreamSession:
         self.target = request.target_language
         self.buffer = AudioBuffer(int(settings.max_buffer_s * SAMPLE_RATE_HZ))
         self._slots = asyncio.Semaphore(max(1, settings.max_pending_utterances))
-        self._vad_in: asyncio.Queue[np.ndarray | None] = asyncio.Queue(maxsize=64)
+        self._vad_in: asyncio.Queue[np.ndarray | None] = asyncio.Queue(maxsize=64)  # int16 chunks
         # (message, utterance a START belongs to, stream ms: an audio chunk's start or a boundary's time)
         self._stt_in: asyncio.Queue[_SttItem | None] = asyncio.Queue(maxsize=STT_QUEUE_MESSAGES)
         self._clauses: asyncio.Queue[Clause | Utterance | None] = asyncio.Queue()
@@ -403,10 +404,11 @@ class StreamSession:
         await self._vad_in.put(None)
 
     async def _feed(self, samples: np.ndarray) -> None:
-        """Buffers and endpoints samples, waiting first while they would overwrite audio still needed."""
+        """Buffers and endpoints float32 samples, waiting while they would overwrite audio still needed."""
+        pcm = np.frombuffer(float_to_pcm16(samples), dtype="<i2")
         piece = max(1, self.buffer.capacity // 8)
-        for start in range(0, len(samples), piece):
-            chunk = samples[start : start + piece]
+        for start in range(0, len(pcm), piece):
+            chunk = pcm[start : start + piece]
             while self.buffer.end + len(chunk) - self._hold_from() > self.buffer.capacity:
                 self._room.clear()
                 await self._room.wait()
@@ -446,7 +448,7 @@ class StreamSession:
         )
         while (samples := await self._vad_in.get()) is not None:
             state["sent"] += len(samples)
-            yield vad_pb2.StreamDetectRequest(audio=float_to_pcm16(samples))
+            yield vad_pb2.StreamDetectRequest(audio=samples.tobytes())
         state["eof"] = True
 
     async def _endpoint(self) -> None:
@@ -538,7 +540,7 @@ class StreamSession:
         self._stt_sent = until
         self._release()
         if len(audio):
-            message = stt_pb2.StreamingRecognizeRequest(audio_content=float_to_pcm16(audio))
+            message = stt_pb2.StreamingRecognizeRequest(audio_content=audio.tobytes())
             await self._stt_in.put((message, None, start // SAMPLES_PER_MS))
 
     async def _to_stt(
@@ -751,7 +753,6 @@ class StreamSession:
             start_ms=utterance.clause_start_ms,
             end_ms=end_ms,
             closed_at_s=min(closed_at_s, now_s),
-            committed_at_s=now_s,
         )
         clause.timings.clause_index = clause_index
         clause.timings.end_ms = end_ms
@@ -883,7 +884,7 @@ class StreamSession:
             raise DataLoss(f"audio {clause.start_ms}-{clause.end_ms} ms was no longer buffered")
         request = stt_pb2.TranscribeRequest(
             request_id=self.request.request_id,
-            audio=float_to_pcm16(audio),
+            audio=audio.tobytes(),
             format=audio_pb2.AudioFormat(
                 encoding=audio_pb2.PCM_S16LE, sample_rate_hz=SAMPLE_RATE_HZ, channels=1
             ),

@@ -436,26 +436,25 @@ class _Stream:
         return self.recognizer.finish()
 
     def response(self, update: Update) -> stt_pb2.StreamingRecognizeResponse:
-        result = stt_pb2.StreamingRecognitionResult(
-            transcript=update.transcript,
-            is_final=update.is_final,
-            stability=update.stability,
-            utterance_index=update.utterance_index,
-            start_ms=update.start_ms,
-            end_ms=update.end_ms,
-            language=update.language,
-            segments=[_commit_pb(c) for c in update.all_commits if c.words],
-        )
-        results = [result]
-        for i, commit in enumerate(update.commits):
-            item = result if i == 0 else stt_pb2.StreamingRecognitionResult()
-            if i:
-                item.CopyFrom(result)
-            item.committed.CopyFrom(_commit_pb(commit))
-            item.closes_clause = commit.closes_clause
-            item.commit_index = commit.commit_index
-            if i:
-                results.append(item)
+        """The update as one response: one result per commit it holds (a commit never spans two clauses)."""
+
+        def result(commit: Commit | None) -> stt_pb2.StreamingRecognitionResult:
+            item = stt_pb2.StreamingRecognitionResult(
+                transcript=update.transcript,
+                is_final=update.is_final,
+                stability=update.stability,
+                utterance_index=update.utterance_index,
+                start_ms=update.start_ms,
+                end_ms=update.end_ms,
+                language=update.language,
+                segments=[_commit_pb(c) for c in update.all_commits if c.words],
+            )
+            if commit is not None:
+                item.committed.CopyFrom(_commit_pb(commit))
+                item.closes_clause, item.commit_index = commit.closes_clause, commit.commit_index
+            return item
+
+        results = [result(c) for c in update.commits] or [result(None)]
         return stt_pb2.StreamingRecognizeResponse(
             request_id=self.request_id, results=results, audio_processed_s=self.pcm.duration_s
         )
