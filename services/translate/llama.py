@@ -2,8 +2,12 @@
 
 :class:`EmbeddedLlamaBackend` is the CPU default (Gemma 3 270M, Q4_K_M GGUF, bundled), prompted in the
 completion form of :mod:`services.translate.prompts`. The model is loaded once (:class:`GgufModel`); each
-of the ``llm_instances`` instances is a llama.cpp context on it (:class:`LlamaContext`), used by one thread
-at a time (on a server, one model instance of the dynamic batcher, fed from the shared queue). A batch is
+of the ``llm_instances`` instances is a llama.cpp context on it (:class:`LlamaContext`), warmed and decoded
+on one thread of its own for its whole life (on a server, the batcher's instance threads hand their batches
+to it). llama.cpp's OpenMP thread teams belong to the thread that computes: a context warmed on the loading
+thread and then decoded on a batcher thread left two teams on 2 cores, which libgomp then throttles
+(its spin-wait gives way to sleeping once a process runs more OpenMP threads than cores), and a
+sentence took 1.10 s instead of 0.45 s (Gemma 3 270M, 2 threads, measured in process). A batch is
 decoded together (:func:`greedy_decode`): the few-shot prefix is evaluated once per language pair into
 sequence 0 and its KV cells are shared by every sentence's sequence, the rest of each prompt (its context
 example and its sentence) joins in one forward pass, then each step is one forward pass with one token per
@@ -21,6 +25,7 @@ import collections
 import ctypes
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import os
 import queue
 from collections.abc import Callable
@@ -465,6 +470,11 @@ class EmbeddedLlamaBackend:
             raise ValueError("at least one model instance is needed")
         self._model = model
         self._decoders = list(decoders)
+        # Every llama.cpp call of a context runs on that context's own thread (the module docstring).
+        self._owners = {
+            id(decoder): ThreadPoolExecutor(1, thread_name_prefix=f"llama-{i}")
+            for i, decoder in enumerate(decoders)
+        }
         self._free: queue.Queue[LlamaContext] = queue.Queue()
         for decoder in decoders:
             self._free.put(decoder)
@@ -571,12 +581,17 @@ class EmbeddedLlamaBackend:
         budgets = [
             max_new_tokens(len(self._model.tokenize(s, bos=False)), self._max_tokens) for s in sentences
         ]
-        raw = greedy_decode(
-            decoder,
-            self._prefix_tokens(pair),
-            [self._model.tokenize(p, bos=True) for p in prompts],
-            budgets,
-            deadline,
+        raw = (
+            self._owners[id(decoder)]
+            .submit(
+                greedy_decode,
+                decoder,
+                self._prefix_tokens(pair),
+                [self._model.tokenize(p, bos=True) for p in prompts],
+                budgets,
+                deadline,
+            )
+            .result()
         )
         return [
             clean_output(out.decode("utf-8", errors="ignore"), sentence, pair.source, pair.target, prompt)
@@ -624,9 +639,11 @@ class EmbeddedLlamaBackend:
         return [functools.partial(self._translate_on, decoder) for decoder in self._decoders]
 
     def close(self) -> None:
-        """Frees every context, then the model."""
+        """Frees every context on its own thread, then the model."""
         for decoder in self._decoders:
-            decoder.close()
+            owner = self._owners[id(decoder)]
+            owner.submit(decoder.close).result()
+            owner.shutdown()
         self._model.close()
 
 
