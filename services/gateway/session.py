@@ -34,6 +34,7 @@ error event.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000
 VAD_LOOKBACK_SAMPLES = 2 * SAMPLE_RATE_HZ
 # Clauses (source and translation) given to the translation stage as the context of the next one.
 CONTEXT_CLAUSES = 3
+# Clauses queued together that one Translate request may carry.
+MAX_CLAUSES_PER_REQUEST = 8
 # Messages (audio chunks and boundaries) waiting for the STT stream; when full, endpointing waits.
 STT_QUEUE_MESSAGES = 64
 
@@ -742,10 +745,11 @@ class StreamSession:
         if not result.closes_clause or not utterance.open_words:
             return
         now_s = self.clock.monotonic()
-        # A clause closed at a pause or the end ends at that boundary (the commit's end): its speech ended
-        # when the gateway received the boundary; one closed by punctuation ends at its last word, known now.
+        # The clause's speech ended when the gateway received the first pause or end at or after its end
+        # (a final decode often closes it with a full stop, at its last word, before that boundary); one
+        # closed by punctuation while the speaker goes on has no such boundary: its end is known now.
         end_ms = max(offset_ms + committed.end_ms, utterance.open_words[-1].end_ms)
-        closed_at_s = next((t for at_ms, t in utterance.boundaries if at_ms == end_ms), now_s)
+        closed_at_s = next((t for at_ms, t in utterance.boundaries if at_ms >= end_ms), now_s)
         clause = Clause(
             utterance=utterance,
             index=clause_index,
@@ -799,77 +803,117 @@ class StreamSession:
                 STAGE_LATENCY.labels(stage).observe(self.clock.monotonic() - started_s)
 
     async def _translate_worker(self) -> None:
-        """Translates clauses in order; passes them (and each utterance's end marker) to the speech worker."""
-        while (item := await self._clauses.get()) is not None:
-            if isinstance(item, Clause):
-                QUEUE_DEPTH.labels("translate").dec()
-                try:
-                    ok = await self._translate(item)
-                finally:
-                    self._held_clauses.pop(id(item), None)
-                    self._release()
-                if not ok:
-                    continue
-            await self._speech.put(item)
+        """Translates clauses in order; passes them (and each utterance's end marker) to the speech worker.
+
+        Clauses queued together (a final decode often closes two at once: "..., ... .") go to the
+        translation stage in one request (:meth:`_batch`), which decodes them as one batch: the last
+        clause does not wait for the one before it to be translated first.
+        """
+        carried: collections.deque[Any] = collections.deque()
+        while (item := carried.popleft() if carried else await self._clauses.get()) is not None:
+            if not isinstance(item, Clause):
+                await self._speech.put(item)
+                continue
+            clauses = self._batch(item, carried)
+            QUEUE_DEPTH.labels("translate").dec(len(clauses))
+            try:
+                spoken = await self._translate(clauses)
+            finally:
+                for clause in clauses:
+                    self._held_clauses.pop(id(clause), None)
+                self._release()
+            for clause in spoken:
+                await self._speech.put(clause)
         await self._speech.put(None)
 
-    async def _translate(self, clause: Clause) -> bool:
-        """Translates one clause and sends the translation; returns whether it goes on to speech."""
-        utterance = clause.utterance
+    def _batch(self, first: Clause, carried: collections.deque[Any]) -> list[Clause]:
+        """``first`` and the clauses queued right behind it that can share its translation request.
+
+        Those are CASCADE clauses of the same source language, at most ``MAX_CLAUSES_PER_REQUEST``; the
+        first other item goes to ``carried``, to be handled next.
+        """
+        clauses = [first]
+        if self.mode == gateway_pb2.DIRECT or not self.target:
+            return clauses
+        while len(clauses) < MAX_CLAUSES_PER_REQUEST and not self._clauses.empty():
+            item = self._clauses.get_nowait()
+            if not isinstance(item, Clause) or item.utterance.language != first.utterance.language:
+                carried.append(item)
+                break
+            clauses.append(item)
+        return clauses
+
+    async def _translate(self, clauses: list[Clause]) -> list[Clause]:
+        """Translates clauses of one source language (one stage call) and sends each translation.
+
+        Returns:
+            The clauses that go on to speech. A failed call is one error event per utterance.
+        """
+        utterance = clauses[0].utterance
         if not self.target:
-            return False
+            return []
         started_s = self.clock.monotonic()
         if self.mode == gateway_pb2.DIRECT:
-            stage, call = "stt", self._direct_translation(clause)
+            stage, call = "stt", self._direct_translation(clauses[0])
         elif primary_language(utterance.language) == primary_language(self.target):
             stage, call = "", None
         else:
-            stage, call = "translate", self._cascade_translation(clause)
+            stage, call = "translate", self._cascade_translations(clauses)
         try:
             if call is None:
-                clause.translation = clause.text
+                translations = [clause.text for clause in clauses]
             else:
-                clause.translation = await self._stage_call(
-                    utterance, stage, call, **{"text.chars": len(clause.text)}
-                )
-        except Exception as exc:  # noqa: BLE001 - reported as the utterance's error event
-            self._error(utterance, stage, exc)
-            return False
+                chars = sum(len(clause.text) for clause in clauses)
+                translations = await self._stage_call(utterance, stage, call, **{"text.chars": chars})
+        except Exception as exc:  # noqa: BLE001 - reported as the utterances' error events
+            for failed in {id(clause.utterance): clause.utterance for clause in clauses}.values():
+                self._error(failed, stage, exc)
+            return []
         now_s = self.clock.monotonic()
-        clause.timings.translation_ms = _since_ms(now_s, started_s)
-        clause.timings.end_of_speech_to_translation_ms = _since_ms(now_s, clause.closed_at_s)
-        utterance.timings.translation_ms += clause.timings.translation_ms
-        utterance.timings.end_of_speech_to_translation_ms = clause.timings.end_of_speech_to_translation_ms
-        self._emit(
-            utterance,
-            translation=gateway_pb2.Translation(
-                text=clause.translation,
-                source_language=utterance.language,
-                target_language=self.target,
-                clause_index=clause.index,
-            ),
-        )
-        return bool(clause.translation) and self.request.synthesize_speech
+        for clause, translation in zip(clauses, translations, strict=True):
+            clause.translation = translation
+            clause.timings.translation_ms = _since_ms(now_s, started_s)
+            clause.timings.end_of_speech_to_translation_ms = _since_ms(now_s, clause.closed_at_s)
+            timings = clause.utterance.timings
+            timings.translation_ms += clause.timings.translation_ms
+            timings.end_of_speech_to_translation_ms = clause.timings.end_of_speech_to_translation_ms
+            self._emit(
+                clause.utterance,
+                translation=gateway_pb2.Translation(
+                    text=clause.translation,
+                    source_language=clause.utterance.language,
+                    target_language=self.target,
+                    clause_index=clause.index,
+                ),
+            )
+        if not self.request.synthesize_speech:
+            return []
+        return [clause for clause in clauses if clause.translation]
 
-    async def _cascade_translation(self, clause: Clause) -> str:
-        """The Translate call for one clause, with the stream's earlier clauses as context."""
+    async def _cascade_translations(self, clauses: list[Clause]) -> list[str]:
+        """One Translate call for clauses of one language, with the stream's earlier clauses as context."""
         context = translate_pb2.TranslationContext(
             source_text=" ".join(source for source, _ in self._history),
             translated_text=" ".join(target for _, target in self._history),
         )
         request = translate_pb2.TranslateRequest(
             request_id=self.request.request_id,
-            texts=[clause.text],
-            source_language=clause.utterance.language,
+            texts=[clause.text for clause in clauses],
+            source_language=clauses[0].utterance.language,
             target_language=self.target,
             context=context,
         )
         response = await self.down.translate(request, self.deadline)
-        translation = response.translations[0].strip() if response.translations else ""
-        self._history = [*self._history[-(CONTEXT_CLAUSES - 1) :], (clause.text, translation)]
-        return translation
+        translations = [text.strip() for text in response.translations]
+        if len(translations) != len(clauses):
+            raise DataLoss(
+                f"the translation stage returned {len(translations)} translations for {len(clauses)} texts"
+            )
+        done = [(clause.text, text) for clause, text in zip(clauses, translations, strict=True)]
+        self._history = [*self._history, *done][-CONTEXT_CLAUSES:]
+        return translations
 
-    async def _direct_translation(self, clause: Clause) -> str:
+    async def _direct_translation(self, clause: Clause) -> list[str]:
         """Whisper's translate task on the clause's audio (DIRECT mode), after its transcript was committed.
 
         One decode at a time per clause, after the transcribe decode that committed it: on CPU, running
@@ -895,7 +939,7 @@ class StreamSession:
             ),
         )
         response = await self.down.transcribe(request, self.deadline)
-        return response.text.strip()
+        return [response.text.strip()]
 
     # -- speech, clause by clause ----------------------------------------------------------------------
 

@@ -63,6 +63,12 @@ TIME_PRECISION_S = 0.02  # one timestamp token
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # Whisper's fallback schedule
 BEST_OF = 5  # hypotheses sampled per window at a fallback temperature (faster-whisper's best_of)
 MAX_INITIAL_TIMESTAMP_S = 1.0
+# A decode's token budget: these plus TOKENS_PER_S per second of the window's audio (Whisper's own cap, 448
+# decoder positions, still applies). Generous: fast speech is 4-5 words/s, under 2 tokens a word in the
+# languages measured, with 2 timestamp tokens per segment; a greedy decode that falls into a repetition loop
+# on a 3 s tail stopped at 448 tokens after 2-3 s (seen in streaming), now at 80.
+MIN_BUDGET_TOKENS = 32
+TOKENS_PER_S = 16
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 
@@ -596,11 +602,12 @@ class WhisperEngine:
         ]
         prompts = [self._prompt(w.options, t) for w, t in zip(windows, tokenizers, strict=True)]
         options = windows[0].options
+        budget = MIN_BUDGET_TOKENS + int(TOKENS_PER_S * max(len(w.audio) for w in windows) / SAMPLE_RATE_HZ)
         decoded = self._generate(
-            encoder_output, prompts, tokenizers, beam_size=options.beam_size, temperature=0.0
+            encoder_output, prompts, tokenizers, budget, beam_size=options.beam_size, temperature=0.0
         )
         if options.temperature_fallback:
-            self._fall_back(decoded, features, prompts, tokenizers)
+            self._fall_back(decoded, features, prompts, tokenizers, budget)
         threshold = self.gates.compression_ratio_threshold
         decoded = [_without_loops(d, t, threshold) for d, t in zip(decoded, tokenizers, strict=True)]
         splits = [
@@ -692,8 +699,9 @@ class WhisperEngine:
         return self.model.get_prompt(tokenizer, previous, without_timestamps=False, hotwords=options.hotwords)
 
     def _generate(
-        self, encoder_output, prompts, tokenizers, *, beam_size: int, temperature: float
+        self, encoder_output, prompts, tokenizers, budget: int, *, beam_size: int, temperature: float
     ) -> list[_Decoded]:
+        """Decodes a batch; at most ``budget`` tokens after each prompt (``MIN_BUDGET_TOKENS``)."""
         if temperature > 0:
             search = {
                 "beam_size": 1,
@@ -706,7 +714,7 @@ class WhisperEngine:
         results = self.model.model.generate(
             encoder_output,
             prompts,
-            max_length=self.model.max_length,
+            max_length=min(self.model.max_length, max(len(p) for p in prompts) + budget),
             return_scores=True,
             return_no_speech_prob=True,
             suppress_blank=True,
@@ -732,7 +740,9 @@ class WhisperEngine:
         silent = d.no_speech_prob > g.no_speech_threshold and d.avg_logprob < g.log_prob_threshold
         return failed and not silent
 
-    def _fall_back(self, decoded: list[_Decoded], features: np.ndarray, prompts, tokenizers) -> None:
+    def _fall_back(
+        self, decoded: list[_Decoded], features: np.ndarray, prompts, tokenizers, budget: int
+    ) -> None:
         """Re-decodes failing windows by sampling at rising temperatures, in place.
 
         faster-whisper's rule: the first decode that passes, else the most likely one under the
@@ -750,6 +760,7 @@ class WhisperEngine:
                 encoder_output,
                 [prompts[i] for i in failing],
                 [tokenizers[i] for i in failing],
+                budget,
                 beam_size=1,
                 temperature=temperature,
             )

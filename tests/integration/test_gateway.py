@@ -133,13 +133,13 @@ async def stream(address: str, cfg, pcm: bytes) -> ClauseCollector:
     return collector
 
 
-async def transcribe_back(address: str, audio: bytes, rate: int) -> stt_pb2.TranscribeResponse:
+async def transcribe_back(address: str, audio: bytes, rate: int, language: str) -> stt_pb2.TranscribeResponse:
     async with grpc.aio.insecure_channel(address) as channel:
         response = await stt_pb2_grpc.SpeechToTextStub(channel).Transcribe(
             stt_pb2.TranscribeRequest(
                 audio=audio,
                 format=audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=rate, channels=1),
-                config=stt_pb2.RecognitionConfig(),  # language detected
+                config=stt_pb2.RecognitionConfig(language=language),
             ),
             timeout=120,
         )
@@ -194,13 +194,14 @@ async def test_speech_translation_on_fleurs(cluster, source, target, files):
     assert transcript_wer <= MAX_WER[source], (transcript, reference)
     assert translation_chrf >= MIN_CHRF[target], (translation, reference_translation)
     # The translated speech is real speech in the target language: transcribe it back.
-    audio = b"".join(bytes(u.audio) for u in utterances)
     rate = utterances[0].audio_rate_hz
-    assert rate and len(audio) / 2 / rate > 2.0
-    back = await transcribe_back(cluster["stt"].address, audio, rate)
-    # espeak-ng's French is robotic: Whisper base recovers it only roughly (chrF ~38 measured; unrelated
-    # text of the same language scores ~10).
-    assert back.language == target and chrf([translation], [back.text]) >= 25, (translation, back.text)
+    assert rate and sum(len(u.audio) for u in utterances) / 2 / rate > 2.0
+    # One utterance's speech at a time, in the target language: espeak-ng's French is robotic, and Whisper
+    # base detected a 4.5 s clip of it as Japanese and a whole stream's clips as Latin. It recovers it only
+    # roughly (chrF ~38 measured; unrelated text of the same language scores ~10).
+    backs = [await transcribe_back(cluster["stt"].address, bytes(u.audio), rate, target) for u in utterances]
+    back_text = " ".join(back.text for back in backs)
+    assert chrf([translation], [back_text]) >= 25, (translation, back_text)
     for u in utterances:
         assert u.end_ms > u.start_ms
         assert (
@@ -219,6 +220,7 @@ async def test_a_long_utterance_is_translated_and_spoken_while_the_speaker_talks
     silence = np.zeros(int(SILENCE_S * RATE), "<i2").tobytes()
     collector = ClauseCollector()
     words_ms: list[int] = []
+    spellings: list[str] = []  # each committed word as decoded, with its leading space
     first_audio_s = 0.0
     async with GatewayClient(cluster["gateway"].address) as client:
         started_s = time.monotonic()
@@ -227,13 +229,15 @@ async def test_a_long_utterance_is_translated_and_spoken_while_the_speaker_talks
             collector.add(event)
             if event.WhichOneof("event") == "commit" and event.utterance_index == 0:
                 words_ms += [w.start_ms for w in event.commit.words]
+                spellings += [w.word for w in event.commit.words]
             if event.WhichOneof("event") == "audio" and event.utterance_index == 0 and not first_audio_s:
                 first_audio_s = time.monotonic()
     assert_in_order(collector)
     first = collector.utterances[0]
     assert first.end_ms - first.start_ms > 15000, "the pauses did not end the utterance"
     assert words_ms == sorted(words_ms), "commits move forward in time"
-    assert " ".join(first.commits).split() == first.transcript.split(), "the final transcript is the commits"
+    # Joined as spelt: Whisper may split "present-concerned" into two words that two commits carry.
+    assert "".join(spellings).strip() == first.transcript, "the final transcript is the commits"
     spoken_until_s = started_s + first.end_ms / 1000
     assert first_audio_s and first_audio_s < spoken_until_s, (
         f"first translated audio {first_audio_s - spoken_until_s:+.2f} s after the end of speech"
