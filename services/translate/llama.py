@@ -25,10 +25,10 @@ import collections
 import ctypes
 import functools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import os
 import queue
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
