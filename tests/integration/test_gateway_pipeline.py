@@ -87,12 +87,15 @@ class FakeStt(stt_pb2_grpc.SpeechToTextServicer):
     """Transcript = "words N" with N the utterance's whole seconds (rounded); TRANSLATE prefixes "en:".
 
     StreamingRecognize follows the caller's boundaries: at each END, after ``delay_s``, one commit (one word
-    spanning the utterance, closing its clause) and the final result; with interim_results, an interim
-    "words k" after each second of an utterance's audio. Transcribe serves DIRECT mode's translations.
+    spanning the utterance, closing its clause) and the final result; with ``clauses`` > 1, that many
+    one-word clauses ("words N," "part 2," ... "part K.") committed in one response, as a final decode
+    that closes several clauses at once; with interim_results, an interim "words k" after each second of an
+    utterance's audio. Transcribe serves DIRECT mode's translations.
     """
 
-    def __init__(self, delay_s: float = 0.0):
+    def __init__(self, delay_s: float = 0.0, clauses: int = 1):
         self.delay_s = delay_s
+        self.clauses = clauses
         self.log: list[tuple[str, float, float]] = []
         self.called = asyncio.Event()
         self.cancelled = asyncio.Event()
@@ -124,12 +127,19 @@ class FakeStt(stt_pb2_grpc.SpeechToTextServicer):
             if boundary.kind == stt_pb2.SpeechBoundary.START:
                 start_ms, index, interims = boundary.at_ms, index + 1, 0
             elif boundary.kind == stt_pb2.SpeechBoundary.END and start_ms is not None:
-                text = f"words {round((boundary.at_ms - start_ms) / 1000)}"
+                texts = [f"words {round((boundary.at_ms - start_ms) / 1000)}"]
+                texts += [f"part {k + 2}" for k in range(self.clauses - 1)]
+                text = " ".join(texts)
                 await self._decode(text)
-                word = stt_pb2.Word(word=" " + text, start_ms=start_ms, end_ms=boundary.at_ms)
-                committed = self._result(index, text, start_ms, boundary.at_ms, stability=1.0)
-                committed.results[0].committed.CopyFrom(stt_pb2.Segment(text=text, words=[word]))
-                committed.results[0].closes_clause = True
+                committed = stt_pb2.StreamingRecognizeResponse()
+                span_ms = (boundary.at_ms - start_ms) // len(texts)
+                for k, clause in enumerate(texts):
+                    end_ms = boundary.at_ms if k == len(texts) - 1 else start_ms + (k + 1) * span_ms
+                    word = stt_pb2.Word(word=" " + clause, start_ms=start_ms + k * span_ms, end_ms=end_ms)
+                    result = self._result(index, text, start_ms, end_ms, stability=1.0).results[0]
+                    result.committed.CopyFrom(stt_pb2.Segment(text=clause, words=[word]))
+                    result.closes_clause, result.commit_index = True, k
+                    committed.results.append(result)
                 yield committed
                 final = self._result(index, text, start_ms, boundary.at_ms, stability=1.0)
                 final.results[0].is_final = True
@@ -166,6 +176,7 @@ class FakeTranslation(translate_pb2_grpc.TranslationServicer):
     def __init__(self):
         self.fail = False
         self.calls = 0
+        self.requests: list[list[str]] = []  # the texts of each call
         self.pairs: list[tuple[str, str]] | None = None  # None: ListLanguagePairs is UNIMPLEMENTED
 
     async def ListLanguagePairs(self, request, context):
@@ -178,6 +189,7 @@ class FakeTranslation(translate_pb2_grpc.TranslationServicer):
 
     async def Translate(self, request, context):
         self.calls += 1
+        self.requests.append(list(request.texts))
         if self.fail:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "translation is down")
         return translate_pb2.TranslateResponse(
@@ -242,7 +254,7 @@ async def cluster(request):
     params = getattr(request, "param", {})
     vad, stt, tr, tts = (
         FakeVad(),
-        FakeStt(params.get("stt_delay_s", 0.05)),
+        FakeStt(params.get("stt_delay_s", 0.05), params.get("clauses", 1)),
         FakeTranslation(),
         FakeTts(params.get("slow_first_s", 0.0)),
     )
@@ -419,6 +431,21 @@ async def test_events_stay_in_utterance_order_while_stages_pipeline(cluster):
     assert u0.start_ms == pytest.approx(200, abs=20) and u0.end_ms == pytest.approx(1200, abs=20)
     assert u0.timings["tts_ms"] >= 900 and u0.timings["end_of_speech_to_first_audio_ms"] > 0
     assert len(u0.audio) == 2 * 3200
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("cluster", [{"clauses": 3}], indirect=True)
+async def test_clauses_closed_together_share_one_translation_request(cluster):
+    result = await run_stream(cluster.gateway, config(), speech(1.0, 2.0))
+    assert cluster.translation.requests == [["words 1", "part 2", "part 3"], ["words 2", "part 2", "part 3"]]
+    for u in result.utterances.values():
+        assert [t["clause_index"] for t in u.clause_timings] == [0, 1, 2], u.clause_timings
+        assert u.translation == f"T(words {u.index + 1}) T(part 2) T(part 3)"
+        assert not u.errors
+
+    cluster.translation.fail = True
+    failed = await run_stream(cluster.gateway, config(), speech(1.0))
+    assert [[e["stage"] for e in u.errors] for u in failed.utterances.values()] == [["translate"]]
 
 
 @pytest.mark.timeout(30)

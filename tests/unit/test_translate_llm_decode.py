@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded, InvalidArgument
-from services.translate.llama import greedy_decode, loop_length
+from services.translate.llama import EmbeddedLlamaBackend, greedy_decode, loop_length
 
 END = 1  # end of generation
 NEWLINE = 10  # the piece b"\n"
@@ -171,3 +173,66 @@ def test_a_sentence_that_falls_into_a_repetition_loop_stops_early_and_keeps_one_
     # The loop is seen once the phrase has come five times (12 repeated tokens): 2 + 15 tokens generated.
     assert len(decoder.steps) == 17
     assert decoder.history == {}
+
+
+class ThreadRecordingDecoder:
+    """A context that ends every sentence at once and records the thread of each llama.cpp-like call."""
+
+    n_ctx = 1000
+    n_seq = 4
+
+    def __init__(self) -> None:
+        self.threads: set[int] = set()
+
+    def _called(self) -> None:
+        self.threads.add(threading.get_ident())
+
+    def load_prefix(self, tokens: list[int]) -> None:
+        self._called()
+
+    def fork(self, seq_id: int, n_tokens: int) -> None:
+        self._called()
+
+    def step(self, feeds: list[tuple[int, list[int], int]]) -> list[int]:
+        self._called()
+        return [END] * len(feeds)
+
+    def release(self, seq_id: int) -> None:
+        self._called()
+
+    def piece(self, token: int) -> bytes:
+        return b""
+
+    def is_end(self, token: int) -> bool:
+        return token == END
+
+    def close(self) -> None:
+        self._called()
+
+
+class CharModel:
+    """A tokenizer: one token per character (BOS 2 first)."""
+
+    def tokenize(self, text: str, *, bos: bool) -> list[int]:
+        return [2] * bos + [100 + ord(c) % 50 for c in text]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_context_is_warmed_decoded_and_closed_on_one_thread_of_its_own():
+    """llama.cpp's OpenMP teams belong to the calling thread: two callers made it 2.4x slower (llama.py)."""
+    decoder = ThreadRecordingDecoder()
+    backend = EmbeddedLlamaBackend(CharModel(), [decoder], ("en", "fr"), "fake", 16)  # type: ignore[arg-type]
+    backend.warmup()
+    pair = backend.resolve("en", "fr")
+    callers = [threading.Thread(target=backend.translate_sentences, args=(["Hi."], pair, Deadline(None)))]
+    callers += [
+        threading.Thread(target=fn, args=(["Yes."], pair, Deadline(None))) for fn in backend.instance_fns()
+    ]
+    for caller in callers:
+        caller.start()
+        caller.join()
+    backend.close()
+    assert len(decoder.threads) == 1
+    assert decoder.threads.isdisjoint({threading.get_ident(), *(c.ident for c in callers)})
