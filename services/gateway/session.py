@@ -70,6 +70,8 @@ SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000
 VAD_LOOKBACK_SAMPLES = 2 * SAMPLE_RATE_HZ
 # Clauses (source and translation) given to the translation stage as the context of the next one.
 CONTEXT_CLAUSES = 3
+# Whisper's word end times run past the VAD's end of speech by up to this much.
+WORD_END_SLACK_MS = 500
 # Clauses queued together that one Translate request may carry.
 MAX_CLAUSES_PER_REQUEST = 8
 # Messages (audio chunks and boundaries) waiting for the STT stream; when full, endpointing waits.
@@ -746,10 +748,13 @@ class StreamSession:
             return
         now_s = self.clock.monotonic()
         # The clause's speech ended when the gateway received the first pause or end at or after its end
-        # (a final decode often closes it with a full stop, at its last word, before that boundary); one
-        # closed by punctuation while the speaker goes on has no such boundary: its end is known now.
+        # (a final decode often closes it with a full stop, at its last word, before that boundary; Whisper's
+        # last word may end up to WORD_END_SLACK_MS after the VAD's end); one closed by punctuation while the
+        # speaker goes on has no such boundary: its end is known now.
         end_ms = max(offset_ms + committed.end_ms, utterance.open_words[-1].end_ms)
-        closed_at_s = next((t for at_ms, t in utterance.boundaries if at_ms >= end_ms), now_s)
+        closed_at_s = next(
+            (t for at_ms, t in utterance.boundaries if at_ms >= end_ms - WORD_END_SLACK_MS), now_s
+        )
         clause = Clause(
             utterance=utterance,
             index=clause_index,
