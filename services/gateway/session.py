@@ -70,7 +70,8 @@ SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000
 VAD_LOOKBACK_SAMPLES = 2 * SAMPLE_RATE_HZ
 # Clauses (source and translation) given to the translation stage as the context of the next one.
 CONTEXT_CLAUSES = 3
-# Whisper's word end times run past the VAD's end of speech by up to this much.
+# Whisper's word end times may run past the VAD's end of speech: a pause or end this much before a clause's
+# last word end still ends that clause (fleurs-fr-003's last clause was measured from its commit without it).
 WORD_END_SLACK_MS = 500
 # Clauses queued together that one Translate request may carry.
 MAX_CLAUSES_PER_REQUEST = 8
@@ -749,7 +750,7 @@ class StreamSession:
         now_s = self.clock.monotonic()
         # The clause's speech ended when the gateway received the first pause or end at or after its end
         # (a final decode often closes it with a full stop, at its last word, before that boundary; Whisper's
-        # last word may end up to WORD_END_SLACK_MS after the VAD's end); one closed by punctuation while the
+        # last word may end after the VAD's end: WORD_END_SLACK_MS); one closed by punctuation while the
         # speaker goes on has no such boundary: its end is known now.
         end_ms = max(offset_ms + committed.end_ms, utterance.open_words[-1].end_ms)
         closed_at_s = next(
