@@ -30,6 +30,12 @@ dynamic batcher does (``docs/user_guide/batcher.md``, ``ModelDynamicBatching``, 
   the mismatch. A batch function that raises fails only its own batch: a
   :class:`~services.common.errors.ParleyError` reaches each caller as it is (keeping its status code),
   anything else is wrapped in :class:`BatchError` (INTERNAL) with the original as ``__cause__``.
+* **in-flight batching** (``joining``; TensorRT-LLM's in-flight batching, Orca's iteration-level
+  scheduling) - for a model that decodes step by step, the batch function gets a ``join(n)`` callable and
+  calls it between steps: it takes up to ``n`` more queued items of the batch's key, which join the running
+  batch instead of waiting for all of it to end; and a ``done(i, output)`` callable that answers item ``i``
+  as soon as it is finished, so no caller waits for the rest of a batch that keeps taking new items.
+  Outputs cover the batch's items, then the joined ones, in order.
 * **out of GPU memory** - a batch function wrapped by :func:`split_on_oom` retries a batch that runs out
   of memory in halves, recursively, down to single items; when one item alone does not fit, its whole
   batch fails with :class:`~services.common.errors.ResourceExhausted` naming the sizes tried.
@@ -54,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -79,6 +86,9 @@ I = TypeVar("I")  # noqa: E741 - the usual name for a batch's input item type
 O = TypeVar("O")  # noqa: E741 - the usual name for a batch's output type
 
 BatchFn = Callable[[list[I]], Sequence[O]]
+# In-flight batching: (items, join, done) -> one output per item, then per joined item; join(n) takes up to
+# n more items, done(i, output) answers item i (items then joined ones) before the batch ends.
+JoiningBatchFn = Callable[[list[I], Callable[[int], list[I]], Callable[[int, O], None]], Sequence[O]]
 
 _TIME_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -300,6 +310,13 @@ class BatchQueue(Generic[I]):
         self._size -= 1
         return True
 
+    def take(self, key: Hashable, limit: int, now: float) -> list[Entry[I]]:
+        """Removes and returns up to ``limit`` live entries of batch key ``key``, in service order."""
+        taken = [e for e in self.entries() if e.key == key and not e.expired(now)][: max(0, limit)]
+        for entry in taken:
+            self.remove(entry)
+        return taken
+
     def expire(self, now: float) -> list[Entry[I]]:
         """Removes and returns the entries whose deadline has passed at ``now``."""
         dead = [e for e in self.entries() if e.expired(now)]
@@ -358,37 +375,54 @@ class BatchQueue(Generic[I]):
         return Decision(batch)
 
 
-def call_batch_fn(fn: BatchFn[I, O], items: list[I]) -> list[O]:
+def call_batch_fn(
+    fn: Callable[..., Sequence[O]],
+    items: list[I],
+    join: Callable[[int], list[I]] | None = None,
+    done: Callable[[int, O], None] | None = None,
+) -> list[O]:
     """Calls a batch function and checks that it returned one output per input.
 
     Args:
-        fn: Maps a list of inputs to a sequence of outputs, one per input, in order.
+        fn: A :data:`BatchFn`: maps a list of inputs to a sequence of outputs, one per input, in order; or,
+            with ``join``, a :data:`JoiningBatchFn`, called as ``fn(items, join)``.
         items: The batch, at least one item.
+        join: Takes up to n more items into the running batch (in-flight batching); None for a static batch.
+        done: With ``join``: answers one item before the batch ends.
 
     Returns:
-        The outputs, ``outputs[i]`` for ``items[i]``.
+        The outputs, ``outputs[i]`` for ``items[i]``, then one per joined item in the order joined.
 
     Raises:
         ParleyError: Raised by ``fn``, passed through unchanged.
         BatchError: ``fn`` raised any other exception (its ``__cause__``), or returned a number of
-            outputs other than ``len(items)``, or something without a length.
+            outputs other than the number of items (joined ones included), or something without a length.
     """
+    joined: list[I] = []
+
+    def counted(limit: int) -> list[I]:
+        assert join is not None
+        more = join(limit)
+        joined.extend(more)
+        return more
+
     try:
-        outputs = fn(items)
+        outputs = fn(items) if join is None else fn(items, counted, done)
     except ParleyError:
         raise
     except Exception as exc:
         raise BatchError(
             f"batch function failed on a batch of {len(items)}: {type(exc).__name__}: {exc}"
         ) from exc
+    expected = len(items) + len(joined)
     try:
         count = len(outputs)
     except TypeError:
         raise BatchError(
-            f"batch function returned {type(outputs).__name__}, not a sequence of {len(items)} outputs"
+            f"batch function returned {type(outputs).__name__}, not a sequence of {expected} outputs"
         ) from None
-    if count != len(items):
-        raise BatchError(f"batch function returned {count} outputs for {len(items)} inputs")
+    if count != expected:
+        raise BatchError(f"batch function returned {count} outputs for {expected} inputs")
     return list(outputs)
 
 
@@ -505,10 +539,13 @@ class DynamicBatcher(Generic[I, O]):
         batch_fns: One batch function per model instance (``len == config.instance_count``); each is
             only ever called from its own thread, with a list of 1..max_batch_size items, and must return
             one output per item, in order. Pass the same function N times when one model is safe to call
-            from N threads (CTranslate2: GIL released, weights shared).
+            from N threads (CTranslate2: GIL released, weights shared). With ``joining``, each is a
+            :data:`JoiningBatchFn`.
         config: Batching settings (a stage config inheriting :class:`BatchingConfig` will do).
         batch_key: Items with different keys never share a batch.
         clock: Monotonic time in seconds; must advance in real seconds (deadlines and waits use it).
+        joining: In-flight batching (module docstring): batch functions are called as
+            ``fn(items, join, done)``.
 
     Raises:
         ValueError: On invalid settings, or when ``len(batch_fns) != config.instance_count``.
@@ -517,11 +554,12 @@ class DynamicBatcher(Generic[I, O]):
     def __init__(
         self,
         name: str,
-        batch_fns: Sequence[BatchFn[I, O]],
+        batch_fns: Sequence[BatchFn[I, O]] | Sequence[JoiningBatchFn[I, O]],
         config: BatchingConfig,
         *,
         batch_key: Callable[[I], Hashable] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        joining: bool = False,
     ):
         if len(batch_fns) != config.instance_count:
             raise ValueError(
@@ -529,6 +567,7 @@ class DynamicBatcher(Generic[I, O]):
             )
         self.name = name
         self.config = config
+        self._joining = joining
         self._queue: BatchQueue[I] = BatchQueue(config, batch_key)
         self._clock = clock
         self._cond = threading.Condition()
@@ -697,15 +736,33 @@ class DynamicBatcher(Generic[I, O]):
                 timeout = None if decision.wake_at is None else max(0.0, decision.wake_at - now)
                 self._cond.wait(timeout)
 
-    def _serve(self, fn: BatchFn[I, O]) -> None:
+    def _join(self, batch: list[Entry[I]], limit: int) -> list[I]:
+        """Moves up to ``limit`` queued items of ``batch``'s key into the running ``batch``."""
+        with self._cond:
+            now = self._clock()
+            self._expire_locked(now)
+            joined = self._queue.take(batch[0].key, limit, now)
+            self._depth.set(len(self._queue))
+        for entry in joined:
+            self._queue_time.observe(now - entry.enqueued_at)
+        batch.extend(joined)
+        return [entry.item for entry in joined]
+
+    def _deliver(self, batch: list[Entry[I]], index: int, output: O) -> None:
+        """Answers item ``index`` of a running batch (in-flight batching); its later answer is ignored."""
+        self._resolve(batch[index], output, None)
+
+    def _serve(self, fn: Callable[..., Sequence[O]]) -> None:
         while (batch := self._next_batch()) is not None:
             start = self._clock()
             for entry in batch:
                 self._queue_time.observe(start - entry.enqueued_at)
             error: ParleyError | None = None
             outputs: list[O] = []
+            join = functools.partial(self._join, batch) if self._joining else None
+            done = functools.partial(self._deliver, batch) if self._joining else None
             try:
-                outputs = call_batch_fn(fn, [entry.item for entry in batch])
+                outputs = call_batch_fn(fn, [entry.item for entry in batch], join, done)
             except ParleyError as exc:
                 error = exc
                 if isinstance(exc, BatchError):

@@ -48,6 +48,13 @@ class Deadline:
         clock = clock or SystemClock()
         return cls(None if timeout_s is None else clock.monotonic() + timeout_s, clock)
 
+    def extend_to(self, other: Deadline) -> None:
+        """Moves this deadline to the later of itself and ``other`` (no deadline is the latest)."""
+        if other.at_s is None or self.at_s is None:
+            self.at_s = None
+        else:
+            self.at_s = max(self.at_s, other.at_s)
+
     def remaining_s(self) -> float | None:
         """Seconds left (may be negative), or ``None`` without a deadline."""
         return None if self.at_s is None else self.at_s - self.clock.monotonic()

@@ -45,7 +45,9 @@ def batcher_for(engine: TranslationEngine, config: TranslateConfig) -> DynamicBa
         count,
         config.priority_levels,
     )
-    return DynamicBatcher("translate", fns, settings, batch_key=batch_key)
+    return DynamicBatcher(
+        "translate", fns, settings, batch_key=batch_key, joining=engine.backend.in_flight_batching
+    )
 
 
 def load(config: TranslateConfig) -> TranslateRuntime:

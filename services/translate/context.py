@@ -8,7 +8,7 @@ ignores it. :func:`bound_context` keeps a prompt's size bounded whatever the cal
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # Most characters kept of each side of a context.
@@ -30,6 +30,10 @@ class TranslationContext:
 
 # A backend call's contexts: one per sentence, None for a sentence without one.
 SentenceContexts = Sequence[TranslationContext | None]
+# In-flight batching: more(n) returns up to n more (sentence, its context) to translate with a running batch.
+MoreSentences = Callable[[int], list[tuple[str, TranslationContext | None]]]
+# In-flight batching: finished(i, translation) answers sentence i (the batch's, then those joined) early.
+FinishedSentence = Callable[[int, str], None]
 
 
 def tail(text: str, max_chars: int) -> str:

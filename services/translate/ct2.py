@@ -139,6 +139,7 @@ class CTranslate2Backend:
         self.family = family
         self.model_name = model_name
         self.workers = max(1, workers)
+        self.in_flight_batching = False  # CTranslate2 translates a batch in one call
         self._max_batch_size = max_batch_size
         self._beam_size = beam_size
         self._max_decoding_length = max_decoding_length

@@ -41,8 +41,10 @@ logger = logging.getLogger(__name__)
 _NO_SPACE_TARGETS = frozenset({"zh", "ja", "th", "lo", "km", "my"})
 
 
-# A backend's batch function: sentences, pair handle, deadline, contexts (see translate_sentences).
-TranslateFn = Callable[[list[str], Any, Deadline, SentenceContexts | None], list[str]]
+# A backend's batch function: sentences, pair handle, deadline, contexts (see translate_sentences), and
+# with in_flight_batching two more: a MoreSentences it calls between decoding steps and a FinishedSentence
+# it calls as each sentence is done.
+TranslateFn = Callable[..., list[str]]
 
 
 class TranslationBackend(Protocol):
@@ -51,10 +53,16 @@ class TranslationBackend(Protocol):
     Attributes:
         model_name: Reported in responses.
         workers: Calls of :meth:`translate_sentences` that may run at once (threads to give it).
+        in_flight_batching: Its instance functions take two more arguments, a
+            :data:`~services.translate.context.MoreSentences` called between decoding steps (sentences
+            queued meanwhile join the running batch) and a
+            :data:`~services.translate.context.FinishedSentence` called as each sentence is done (the
+            embedded llm).
     """
 
     model_name: str
     workers: int
+    in_flight_batching: bool
 
     def pairs(self) -> list[tuple[str, str]]:
         """Every (source, target) BCP-47 pair the loaded model translates, sorted."""
@@ -261,7 +269,7 @@ class TranslationEngine:
         """The batcher items of a prepared request: one per sentence, in order."""
         return [SentenceItem(text, job.pair, deadline, job.context) for text in job.sentences]
 
-    def batch_fns(self, count: int = 0) -> list[Callable[[list[SentenceItem]], list[str]]]:
+    def batch_fns(self, count: int = 0) -> list[Callable[..., list[str]]]:
         """One batch function per model instance: sentences of one language pair in, translations out.
 
         Args:
@@ -271,20 +279,34 @@ class TranslationEngine:
             ValueError: The backend cannot run ``count`` instances.
 
         Every item of a batch has the same pair (:func:`batch_key`); the batch goes to the backend in one
-        call, under the latest of its items' deadlines, each sentence with its own request's context.
+        call, under the latest of its items' deadlines, each sentence with its own request's context. Each
+        function also takes the batcher's ``join`` (in-flight batching, when the backend's
+        ``in_flight_batching``): sentences it takes join the running batch and extend its deadline, and
+        ``done``, which answers each sentence as soon as it is translated.
         """
 
-        def bind(fn: TranslateFn) -> Callable[[list[SentenceItem]], list[str]]:
-            def translate_batch(items: list[SentenceItem]) -> list[str]:
+        def bind(fn: TranslateFn) -> Callable[..., list[str]]:
+            def translate_batch(
+                items: list[SentenceItem],
+                join: Callable[[int], list[SentenceItem]] | None = None,
+                done: Callable[[int, str], None] | None = None,
+            ) -> list[str]:
                 pair = items[0].pair
                 if any(item.pair != pair for item in items):
                     raise ParleyError("a translation batch mixed language pairs")
-                return fn(
-                    [item.text for item in items],
-                    pair,
-                    _latest([item.deadline for item in items]),
-                    [item.context for item in items],
-                )
+                latest = _latest([item.deadline for item in items])
+                args = ([item.text for item in items], pair, latest, [item.context for item in items])
+                if join is None:
+                    return fn(*args)
+                deadline = Deadline(latest.at_s, latest.clock)  # extended by the sentences that join
+
+                def more(limit: int) -> list[tuple[str, TranslationContext | None]]:
+                    joined = join(limit)
+                    for item in joined:
+                        deadline.extend_to(item.deadline)
+                    return [(item.text, item.context) for item in joined]
+
+                return fn(args[0], pair, deadline, args[3], more, done)
 
             return translate_batch
 

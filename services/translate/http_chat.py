@@ -62,6 +62,7 @@ class HttpChatBackend:
         self._max_tokens = max_tokens
         self.model_name = model_name or model
         self.workers = max(1, concurrency)
+        self.in_flight_batching = False  # one HTTP request per sentence
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="llm-http")
 
     @classmethod

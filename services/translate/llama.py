@@ -38,7 +38,7 @@ import numpy as np
 from services.common.deadlines import Deadline
 from services.common.errors import DeadlineExceeded, InvalidArgument, ParleyError
 from services.translate.config import TranslateConfig
-from services.translate.context import SentenceContexts
+from services.translate.context import FinishedSentence, MoreSentences, SentenceContexts
 from services.translate.prompts import (
     LanguageSet,
     LlmPair,
@@ -162,29 +162,54 @@ class _Batch:
     """
 
     def __init__(
-        self, decoder: TokenDecoder, prefix: list[int], prompts: list[list[int]], budgets: list[int]
+        self,
+        decoder: TokenDecoder,
+        prefix: list[int],
+        prompts: list[list[int]],
+        budgets: list[int],
+        done: Callable[[int, bytes], None] | None = None,
     ):
-        # At least the last prompt token is evaluated by the sentence's own sequence, for its logits.
-        self.shared = [min(_common_length(prefix, p), len(p) - 1) for p in prompts]
-        own = [len(p) - s for p, s in zip(prompts, self.shared, strict=True)]
-        self.room = decoder.n_ctx - len(prefix)
-        for n in own:
-            if n >= self.room:
-                raise InvalidArgument(
-                    f"a sentence's prompt of {n} tokens does not fit the {self.room} tokens of the llama.cpp "
-                    "context left after the few-shot prompt; cut it shorter (the server's "
-                    "--max-sentence-chars) or raise --llm-context-tokens"
-                )
-        # As llama-cpp-python's create_completion does, a budget never reaches past the context.
-        self.budgets = [min(b, self.room - n) for b, n in zip(budgets, own, strict=True)]
-        self.needs = [n + b for n, b in zip(own, self.budgets, strict=True)]
         self.decoder = decoder
-        self.prompts = prompts
-        self.waiting = collections.deque(range(len(prompts)))
+        self.done = done
+        self.prefix = prefix
+        self.room = decoder.n_ctx - len(prefix)
+        self.prompts: list[list[int]] = []
+        self.shared: list[int] = []
+        self.budgets: list[int] = []
+        self.needs: list[int] = []
+        self.waiting: collections.deque[int] = collections.deque()
         self.free_ids = list(range(decoder.n_seq, 0, -1))
         self.running: dict[int, _Running] = {}
-        self.outputs = [b""] * len(prompts)
+        self.outputs: list[bytes] = []
         self.finished = 0
+        for prompt, budget in zip(prompts, budgets, strict=True):
+            self.add(prompt, budget)
+
+    def add(self, prompt: list[int], budget: int) -> None:
+        """Queues one more prompt (its output goes last); it joins at a step with a free id and room."""
+        # At least the last prompt token is evaluated by the sentence's own sequence, for its logits.
+        shared = min(_common_length(self.prefix, prompt), len(prompt) - 1)
+        own = len(prompt) - shared
+        room = self.decoder.n_ctx - len(self.prefix)
+        if own >= room:
+            raise InvalidArgument(
+                f"a sentence's prompt of {own} tokens does not fit the {room} tokens of the llama.cpp "
+                "context left after the few-shot prompt; cut it shorter (the server's "
+                "--max-sentence-chars) or raise --llm-context-tokens"
+            )
+        # As llama-cpp-python's create_completion does, a budget never reaches past the context.
+        budget = min(budget, room - own)
+        self.waiting.append(len(self.prompts))
+        self.prompts.append(prompt)
+        self.shared.append(shared)
+        self.budgets.append(budget)
+        self.needs.append(own + budget)
+        self.outputs.append(b"")
+
+    @property
+    def open_ids(self) -> int:
+        """Sequence ids not taken by a running or waiting prompt: how many more prompts could start now."""
+        return len(self.free_ids) - len(self.waiting)
 
     def feeds(self) -> list[Feed]:
         """Each running sentence's last token, then the prompts that join while ids and room are free."""
@@ -231,6 +256,8 @@ class _Batch:
         self.room += self.needs[run.index]
         self.outputs[run.index] = b"".join(run.pieces)
         self.finished += 1
+        if self.done is not None:
+            self.done(run.index, self.outputs[run.index])
 
     def release_all(self) -> None:
         """Frees the sequences still running (after an error or a deadline)."""
@@ -238,8 +265,18 @@ class _Batch:
             self.decoder.release(seq_id)
 
 
+# In-flight batching: more(n) returns up to n more (prompt tokens, budget) pairs to decode with the batch.
+MorePrompts = Callable[[int], list[tuple[list[int], int]]]
+
+
 def greedy_decode(
-    decoder: TokenDecoder, prefix: list[int], prompts: list[list[int]], budgets: list[int], deadline: Deadline
+    decoder: TokenDecoder,
+    prefix: list[int],
+    prompts: list[list[int]],
+    budgets: list[int],
+    deadline: Deadline,
+    more: MorePrompts | None = None,
+    done: Callable[[int, bytes], None] | None = None,
 ) -> list[bytes]:
     """Greedy continuations of prompts that share a prefix, decoded together.
 
@@ -251,7 +288,9 @@ def greedy_decode(
     the loop's copies are dropped, its first occurrence kept) or once it has generated its budget (cut to
     the room the context has beside the prompt). Prompts join in order while a sequence id and room in the
     context are free; each reserves its own prompt tokens plus its budget until it stops, so more prompts
-    than the context holds wait for room instead of failing.
+    than the context holds wait for room instead of failing. With ``more``, before each step the batch takes
+    up to as many new prompts as it has free sequence ids (in-flight batching: a sentence that arrives while
+    others decode joins them at the next step instead of waiting for the whole batch).
 
     Args:
         decoder: The model context; used by this thread only.
@@ -259,21 +298,29 @@ def greedy_decode(
         prompts: Each prompt's tokens, prefix included.
         budgets: Most tokens generated per prompt, at least 1.
         deadline: Checked before every step.
+        more: Called before every step for more prompts sharing ``prefix``; None for a static batch.
+        done: Called with (prompt index, its bytes) as each prompt finishes, on this thread.
 
     Returns:
-        The generated bytes of each prompt, in order, cut before the first line break.
+        The generated bytes of each prompt, then of each prompt ``more`` gave, in order, cut before the
+        first line break.
 
     Raises:
         InvalidArgument: A prompt alone fills the context.
         DeadlineExceeded: The deadline passed before every prompt was done.
     """
-    batch = _Batch(decoder, prefix, prompts, budgets)
+    batch = _Batch(decoder, prefix, prompts, budgets, done)
     decoder.load_prefix(prefix)
     try:
-        while batch.waiting or batch.running:
+        while True:
+            if more is not None and batch.open_ids > 0:
+                for prompt, budget in more(batch.open_ids):
+                    batch.add(prompt, budget)
+            if not (batch.waiting or batch.running):
+                break
             if deadline.expired():
                 raise DeadlineExceeded(
-                    f"the caller's deadline passed with {batch.finished} of {len(prompts)} sentences "
+                    f"the caller's deadline passed with {batch.finished} of {len(batch.prompts)} sentences "
                     "translated"
                 )
             feeds = batch.feeds()
@@ -481,6 +528,7 @@ class EmbeddedLlamaBackend:
         self._languages = LanguageSet(languages)
         self.model_name = model_name
         self.workers = len(decoders)
+        self.in_flight_batching = True  # greedy_decode takes sentences between steps
         self._max_tokens = max_tokens
         self._prefixes: dict[LlmPair, list[int]] = {}
 
@@ -573,7 +621,10 @@ class EmbeddedLlamaBackend:
         pair: LlmPair,
         deadline: Deadline,
         contexts: SentenceContexts | None = None,
+        more: MoreSentences | None = None,
+        finished: FinishedSentence | None = None,
     ) -> list[str]:
+        sentences = list(sentences)
         prompts = [
             completion_prompt(s, pair.source, pair.target, c)
             for s, c in zip(sentences, contexts or [None] * len(sentences), strict=True)
@@ -581,6 +632,26 @@ class EmbeddedLlamaBackend:
         budgets = [
             max_new_tokens(len(self._model.tokenize(s, bos=False)), self._max_tokens) for s in sentences
         ]
+
+        def more_prompts(limit: int) -> list[tuple[list[int], int]]:
+            assert more is not None
+            joined = []
+            for sentence, context in more(limit):
+                prompt = completion_prompt(sentence, pair.source, pair.target, context)
+                sentences.append(sentence)
+                prompts.append(prompt)
+                budget = max_new_tokens(len(self._model.tokenize(sentence, bos=False)), self._max_tokens)
+                joined.append((self._model.tokenize(prompt, bos=True), budget))
+            return joined
+
+        def clean(index: int, out: bytes) -> str:
+            text = out.decode("utf-8", errors="ignore")
+            return clean_output(text, sentences[index], pair.source, pair.target, prompts[index])
+
+        def on_done(index: int, out: bytes) -> None:
+            if finished is not None:
+                finished(index, clean(index, out))
+
         raw = (
             self._owners[id(decoder)]
             .submit(
@@ -590,13 +661,12 @@ class EmbeddedLlamaBackend:
                 [self._model.tokenize(p, bos=True) for p in prompts],
                 budgets,
                 deadline,
+                more_prompts if more is not None else None,
+                on_done if finished is not None else None,
             )
             .result()
         )
-        return [
-            clean_output(out.decode("utf-8", errors="ignore"), sentence, pair.source, pair.target, prompt)
-            for out, sentence, prompt in zip(raw, sentences, prompts, strict=True)
-        ]
+        return [clean(index, out) for index, out in enumerate(raw)]
 
     def translate_sentences(
         self,
@@ -620,13 +690,13 @@ class EmbeddedLlamaBackend:
         finally:
             self._free.put(decoder)
 
-    def instance_fns(
-        self, count: int = 0
-    ) -> list[Callable[[list[str], LlmPair, Deadline, SentenceContexts | None], list[str]]]:
+    def instance_fns(self, count: int = 0) -> list[Callable[..., list[str]]]:
         """One function per llama.cpp context, each bound to its own context (never shared between threads).
 
         A batch is decoded together (:func:`greedy_decode`): one forward pass per step for all its
-        sentences.
+        sentences; two more arguments, a :data:`~services.translate.context.MoreSentences` and a
+        :data:`~services.translate.context.FinishedSentence`, add sentences to the running batch between
+        steps and answer each as it is done (in-flight batching).
 
         Raises:
             ValueError: ``count`` is neither 0 nor the number of contexts.

@@ -775,3 +775,34 @@ async def test_batcher_serves_a_batch_that_ran_out_of_memory_and_reports_an_item
     with pytest.raises(ResourceExhausted, match="batch sizes 1: CUDA failed"):
         await asyncio.wait_for(batcher.submit(99), 5)
     await asyncio.to_thread(batcher.close)
+
+
+@BOUNDED
+async def test_in_flight_batching_lets_queued_items_join_the_running_batch():
+    """A step-by-step model: items queued while a batch runs join it (same key only), outputs in order."""
+    joined: list[list[str]] = []
+    started, queued = threading.Event(), threading.Event()
+
+    def run(
+        items: list[str], join: Callable[[int], list[str]], done: Callable[[int, str], None]
+    ) -> list[str]:
+        started.set()
+        assert queued.wait(10), "test never queued the late items"
+        more = join(2) + join(2)  # between two steps: up to 2 more, twice
+        joined.append(more)
+        if more:
+            done(1, "a2 early")  # finished before the others: answered at once, its final output ignored
+        return [f"{x}!" for x in items + more]
+
+    config = BatchingConfig(max_batch_size=4, max_queue_delay_ms=0)
+    batcher = DynamicBatcher(unique_name(), [run], config, batch_key=lambda x: x[0], joining=True)
+    first = asyncio.create_task(batcher.submit("a1"))
+    await eventually(started.is_set)
+    late = [asyncio.create_task(batcher.submit(x)) for x in ("a2", "b1", "a3", "a4")]
+    await eventually(lambda: batcher.queue_depth == 4)
+    queued.set()
+    assert await asyncio.wait_for(first, 5) == "a1!"
+    assert joined[0] == ["a2", "a3", "a4"]  # the "b" key never joins an "a" batch
+    assert [await asyncio.wait_for(t, 5) for t in late] == ["a2 early", "b1!", "a3!", "a4!"]
+    assert batcher.stats.batch_sizes == {4: 1, 1: 1}
+    await asyncio.to_thread(batcher.close)

@@ -22,6 +22,7 @@ class FakeBackend:
 
     model_name = "fake"
     workers = 1
+    in_flight_batching = False
 
     def __init__(self, gate: threading.Event | None = None):
         self.calls: list[tuple[tuple[str, str], list[str]]] = []

@@ -21,6 +21,7 @@ class ContextBackend:
 
     model_name = "fake"
     workers = 1
+    in_flight_batching = False
 
     def __init__(self) -> None:
         self.calls: list[list[tuple[str, TranslationContext | None]]] = []

@@ -14,6 +14,7 @@ class RecordingBackend:
 
     model_name = "fake"
     workers = 1
+    in_flight_batching = False
 
     def __init__(self, drop_one: bool = False):
         self.calls: list[list[str]] = []

@@ -101,6 +101,33 @@ def test_each_prompt_gets_its_own_continuation_in_order_with_one_token_per_seque
     assert decoder.history == {} and decoder.prefix_loads == 1
 
 
+def test_prompts_from_more_join_the_running_batch_at_the_next_step():
+    """In-flight batching: a sentence that arrives while another decodes joins it, output after it."""
+    replies = {(100,): [101, 102, 103, 104, END], (200,): [201, END], (300,): [301, END]}
+    decoder = ScriptedDecoder(replies, n_seq=2)
+    queued: list[tuple[list[int], int]] = []
+    asked: list[int] = []
+
+    def more(limit: int) -> list[tuple[list[int], int]]:
+        asked.append(limit)
+        if len(decoder.steps) == 2:  # two sentences arrive before step 2
+            queued.extend([(PREFIX + [200], 50), (PREFIX + [300], 50)])
+        taken = queued[:limit]
+        del queued[:limit]
+        return taken
+
+    finished: list[tuple[int, bytes]] = []
+    out = greedy_decode(
+        decoder, PREFIX, [PREFIX + [100]], [50], Deadline(None), more, lambda i, b: finished.append((i, b))
+    )
+    assert out == [b"w101 w102 w103 w104 ", b"w201 ", b"w301 "]
+    assert finished == [(1, b"w201 "), (0, b"w101 w102 w103 w104 "), (2, b"w301 ")]  # each as it ends
+    # Step 2 feeds the first sentence's token and the second's prompt together; the third waits for an id.
+    assert decoder.steps[2] == [(1, 1), (2, 1)]
+    assert asked[:3] == [1, 1, 1]
+    assert decoder.history == {}
+
+
 def test_generation_stops_at_an_end_token_a_line_break_or_the_budget():
     replies = {(100,): [END], (101,): [7, SPLIT, 8], (102,): [7, 8, 9, 12, 13]}
     out = decode(ScriptedDecoder(replies), [(100,), (101,), (102,)], budgets=[5, 5, 3])
