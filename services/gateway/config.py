@@ -76,7 +76,7 @@ class GatewayConfig(StreamLimitsConfig, ServerConfig):
         False,
         "Default mode (TRANSLATION_MODE_UNSPECIFIED) into English: Whisper's own translate task (DIRECT) "
         "instead of STT + translation (CASCADE). Other targets always use CASCADE. Off: on 2 CPU cores the "
-        "live path's fr->en end of speech to audio was p50 2.48 s in CASCADE against 6.78 s in DIRECT "
+        "live path's fr->en end of speech to audio was p50 2.65 s in CASCADE against 5.95 s in DIRECT "
         "(make bench, FLEURS fr), since DIRECT adds a Whisper decode per clause to the stream's own.",
     )
     live_commit_policy: CommitPolicy = option(
