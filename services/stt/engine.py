@@ -65,8 +65,9 @@ BEST_OF = 5  # hypotheses sampled per window at a fallback temperature (faster-w
 MAX_INITIAL_TIMESTAMP_S = 1.0
 # A decode's token budget: these plus TOKENS_PER_S per second of the window's audio (Whisper's own cap, 448
 # decoder positions, still applies). Generous: fast speech is 4-5 words/s, under 2 tokens a word in the
-# languages measured, with 2 timestamp tokens per segment; a greedy decode that falls into a repetition loop
-# on a 3 s tail stopped at 448 tokens after 2-3 s (seen in streaming), now at 80.
+# languages measured, with 2 timestamp tokens per segment. Streaming agreement decodes of 1-5 s of audio took
+# 2-3 s instead of ~0.4 s (seen in the STT log), as a decode run on to 448 tokens would; a 3 s tail now stops
+# at 80.
 MIN_BUDGET_TOKENS = 32
 TOKENS_PER_S = 16
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"

@@ -437,6 +437,7 @@ class _Stream:
 
     def response(self, update: Update) -> stt_pb2.StreamingRecognizeResponse:
         """The update as one response: one result per commit it holds (a commit never spans two clauses)."""
+        segments = [_commit_pb(c) for c in update.all_commits if c.words]  # final updates only
 
         def result(commit: Commit | None) -> stt_pb2.StreamingRecognitionResult:
             item = stt_pb2.StreamingRecognitionResult(
@@ -447,7 +448,7 @@ class _Stream:
                 start_ms=update.start_ms,
                 end_ms=update.end_ms,
                 language=update.language,
-                segments=[_commit_pb(c) for c in update.all_commits if c.words],
+                segments=segments,
             )
             if commit is not None:
                 item.committed.CopyFrom(_commit_pb(commit))

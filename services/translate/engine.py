@@ -294,10 +294,10 @@ class TranslationEngine:
                 pair = items[0].pair
                 if any(item.pair != pair for item in items):
                     raise ParleyError("a translation batch mixed language pairs")
+                texts, contexts = [item.text for item in items], [item.context for item in items]
                 latest = _latest([item.deadline for item in items])
-                args = ([item.text for item in items], pair, latest, [item.context for item in items])
                 if join is None:
-                    return fn(*args)
+                    return fn(texts, pair, latest, contexts)
                 deadline = Deadline(latest.at_s, latest.clock)  # extended by the sentences that join
 
                 def more(limit: int) -> list[tuple[str, TranslationContext | None]]:
@@ -306,7 +306,7 @@ class TranslationEngine:
                         deadline.extend_to(item.deadline)
                     return [(item.text, item.context) for item in joined]
 
-                return fn(args[0], pair, deadline, args[3], more, done)
+                return fn(texts, pair, deadline, contexts, more, done)
 
             return translate_batch
 

@@ -5,9 +5,9 @@ completion form of :mod:`services.translate.prompts`. The model is loaded once (
 of the ``llm_instances`` instances is a llama.cpp context on it (:class:`LlamaContext`), warmed and decoded
 on one thread of its own for its whole life (on a server, the batcher's instance threads hand their batches
 to it). llama.cpp's OpenMP thread teams belong to the thread that computes: a context warmed on the loading
-thread and then decoded on a batcher thread left two teams on 2 cores, which libgomp then throttles
-(its spin-wait gives way to sleeping once a process runs more OpenMP threads than cores), and a
-sentence took 1.10 s instead of 0.45 s (Gemma 3 270M, 2 threads, measured in process). A batch is
+thread and then decoded on a batcher thread left two teams on 2 cores (libgomp's GOMP_SPINCOUNT
+documentation: with more OpenMP threads than CPUs it spins far less before sleeping), and a sentence took
+1.10 s instead of 0.45 s (Gemma 3 270M, 2 threads, measured in process). A batch is
 decoded together (:func:`greedy_decode`): the few-shot prefix is evaluated once per language pair into
 sequence 0 and its KV cells are shared by every sentence's sequence, the rest of each prompt (its context
 example and its sentence) joins in one forward pass, then each step is one forward pass with one token per
@@ -172,7 +172,8 @@ class _Batch:
         self.decoder = decoder
         self.done = done
         self.prefix = prefix
-        self.room = decoder.n_ctx - len(prefix)
+        self.capacity = decoder.n_ctx - len(prefix)  # cells beside the prefix
+        self.room = self.capacity  # of which not reserved by a running sentence
         self.prompts: list[list[int]] = []
         self.shared: list[int] = []
         self.budgets: list[int] = []
@@ -190,15 +191,14 @@ class _Batch:
         # At least the last prompt token is evaluated by the sentence's own sequence, for its logits.
         shared = min(_common_length(self.prefix, prompt), len(prompt) - 1)
         own = len(prompt) - shared
-        room = self.decoder.n_ctx - len(self.prefix)
-        if own >= room:
+        if own >= self.capacity:
             raise InvalidArgument(
-                f"a sentence's prompt of {own} tokens does not fit the {room} tokens of the llama.cpp "
-                "context left after the few-shot prompt; cut it shorter (the server's "
+                f"a sentence's prompt of {own} tokens does not fit the {self.capacity} tokens of the "
+                "llama.cpp context left after the few-shot prompt; cut it shorter (the server's "
                 "--max-sentence-chars) or raise --llm-context-tokens"
             )
         # As llama-cpp-python's create_completion does, a budget never reaches past the context.
-        budget = min(budget, room - own)
+        budget = min(budget, self.capacity - own)
         self.waiting.append(len(self.prompts))
         self.prompts.append(prompt)
         self.shared.append(shared)
