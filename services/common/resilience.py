@@ -369,6 +369,7 @@ class Guard:
         deadline: Deadline,
         *,
         stage_timeout_s: float | None = None,
+        requests: AsyncIterator[Any] | None = None,
     ) -> GuardedStream[R]:
         """A streaming call through the breaker, as an async context manager over its responses.
 
@@ -386,11 +387,12 @@ class Guard:
                 async for response in responses:
                     ...
 
-        Bidirectional, with a request iterator (VAD ``StreamDetect``)::
+        Bidirectional (VAD ``StreamDetect``): the call is started without a request iterator and the stream
+        writes ``requests`` to it::
 
             try:
                 async with guard.stream(
-                    lambda timeout_s: vad.StreamDetect(requests(), timeout=timeout_s), deadline
+                    lambda timeout_s: vad.StreamDetect(timeout=timeout_s), deadline, requests=requests()
                 ) as responses:
                     async for response in responses:
                         ...  # the first response closed a half-open breaker already
@@ -405,6 +407,12 @@ class Guard:
             deadline: The caller's deadline.
             stage_timeout_s: This call's timeout instead of the guard's, in seconds; None keeps the guard's;
                 0 sets none (a stream that lasts as long as the caller's: only the caller's deadline).
+            requests: The requests of a bidirectional call that ``fn`` starts without a request iterator. A
+                task of the stream writes them (``write()``, then ``done_writing()``); leaving the stream
+                cancels that task and waits for it, so once the stream is left nothing more is read from
+                ``requests``. A request iterator given to grpc.aio instead is read by grpc's own task,
+                which reads one more request after the call failed: successive calls sharing one source
+                of requests (a reconnecting stream) would lose that request to the dead call.
 
         Raises:
             BreakerOpen: On entering: the breaker refused the call.
@@ -412,7 +420,7 @@ class Guard:
             grpc.aio.AioRpcError: While iterating: the call's error.
         """
         limit_s = self.stage_timeout_s if stage_timeout_s is None else stage_timeout_s
-        return GuardedStream(self, fn, deadline, limit_s)
+        return GuardedStream(self, fn, deadline, limit_s, requests)
 
 
 class GuardedStream(Generic[R]):
@@ -429,9 +437,12 @@ class GuardedStream(Generic[R]):
         fn: Callable[[float | None], AsyncIterable[R]],
         deadline: Deadline,
         limit_s: float | None,
+        requests: AsyncIterator[Any] | None = None,
     ):
         self._guard = guard
         self._fn = fn
+        self._requests = requests
+        self._writer: asyncio.Task[None] | None = None
         self._deadline = deadline
         self._limit_s = limit_s
         self._timeout_s: float | None = None
@@ -451,7 +462,28 @@ class GuardedStream(Generic[R]):
             guard.breaker.release()
             raise
         self._responses = aiter(self.call)
+        if self._requests is not None:
+            self._writer = asyncio.create_task(self._write(self._requests))
         return self
+
+    async def _write(self, requests: AsyncIterator[Any]) -> None:
+        """Writes the requests to the call, then half-closes it; stops when the call has ended.
+
+        The call's end (its error) is for the reader of the responses to raise, not for the writer. A
+        request iterator that raises cancels the call (as grpc.aio does), so its reader does not wait on.
+        """
+        call: Any = self.call
+        try:
+            async for request in requests:
+                await call.write(request)
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return
+        except Exception:
+            logger.exception(
+                "the requests of a %s stream failed; the call is cancelled", self._guard.breaker.name
+            )
+            call.cancel()
 
     def __aiter__(self) -> GuardedStream[R]:
         return self
@@ -483,6 +515,9 @@ class GuardedStream(Generic[R]):
     async def __aexit__(self, *exc_info: object) -> None:
         if not self._judged:
             self._guard.breaker.release()  # cancelled, or left before any response: no verdict on the stage
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
         cancel = getattr(self.call, "cancel", None)
         if cancel is not None:
             cancel()

@@ -466,11 +466,10 @@ class StreamSession:
             try:
                 # The first response closes a half-open breaker (Guard.stream), not the end of this long call.
                 async with guard.stream(
-                    lambda timeout_s: self.down.vad.StreamDetect(
-                        self._vad_requests(state), timeout=timeout_s
-                    ),
+                    lambda timeout_s: self.down.vad.StreamDetect(timeout=timeout_s),
                     self.deadline,
                     stage_timeout_s=0,
+                    requests=self._vad_requests(state),
                 ) as responses:
                     async for response in responses:
                         self._vad_down = False
@@ -503,7 +502,7 @@ class StreamSession:
                 self._stt_finished(utterance)
         # Audio that arrives while the VAD is down is not endpointed, nor recognized.
         breaker = self.down.guards["vad"].breaker
-        while True:
+        while not state["eof"]:  # the failed call may have taken the end of input already
             samples = await self._vad_in.get()
             if samples is None:
                 state["eof"] = True
@@ -632,18 +631,17 @@ class StreamSession:
         while not state["eof"]:
             started: list[Utterance] = []
 
-            def call(timeout_s: float | None, started: list[Utterance] = started) -> Any:
-                return self.down.stt.StreamingRecognize(self._stt_requests(started, state), timeout=timeout_s)
-
             try:
                 async with guard.stream(
-                    call,
+                    lambda timeout_s: self.down.stt.StreamingRecognize(timeout=timeout_s),
                     self.deadline,
                     stage_timeout_s=0,
+                    requests=self._stt_requests(started, state),
                 ) as responses:
                     async for response in responses:
                         for result in response.results:
                             self._on_stt(result, started, state["offset_ms"] or 0)
+                # Left the stream: its requests are no longer read, so ``started`` is complete.
                 self._lost(started, grpc.StatusCode.INTERNAL, "the STT stream ended without a final result")
             except BreakerOpen as exc:
                 await self._stt_failed(exc, state)

@@ -36,10 +36,15 @@ class FakeVad(vad_pb2_grpc.VoiceActivityDetectionServicer):
     def __init__(self):
         self.cancelled = 0
         self.fail = False
+        self.fail_at_end = False  # fails once the caller has sent all its audio
 
     async def StreamDetect(self, request_iterator, context):
         if self.fail:
             await context.read()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "vad is down")
+        if self.fail_at_end:
+            async for _ in request_iterator:
+                pass
             await context.abort(grpc.StatusCode.UNAVAILABLE, "vad is down")
         first = True
         pos = 0
@@ -605,6 +610,14 @@ async def test_vad_down_reports_an_error_event_and_the_stream_still_ends_cleanly
     await asyncio.sleep(0.6)  # breaker reset timeout
     result = await run_stream(cluster.gateway, config(), speech(1.0, 1.0))
     assert [u.translation for u in result.utterances.values()] == ["T(words 1)"] * 2
+
+
+@pytest.mark.timeout(30)
+async def test_vad_failing_after_the_whole_input_was_sent_still_ends_the_stream(cluster):
+    cluster.vad.fail_at_end = True
+    result = await run_stream(cluster.gateway, config(), speech(1.0, 1.0))
+    errors = [e for u in result.utterances.values() for e in u.errors]
+    assert [e["stage"] for e in errors] == ["vad"] and result.events[-1][1] == "end_of_stream"
 
 
 async def _held(first, release: asyncio.Event, *more, gap_s: float = 0.0):

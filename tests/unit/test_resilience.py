@@ -269,6 +269,12 @@ class FakeStream:
         self.cancelled = True
         return True
 
+    async def write(self, request) -> None:
+        self.sent.append(request)
+
+    async def done_writing(self) -> None:
+        self.sent.append("done writing")
+
 
 def half_open(clock, name: str) -> Guard:
     guard = Guard(CircuitBreaker(name, 1, 2.0, clock), stage_timeout_s=None, margin_s=0.05)
@@ -365,3 +371,37 @@ async def test_a_bidirectional_stream_with_a_request_iterator_and_an_early_exit(
                 break  # the caller leaves: the call is cancelled, the stage was fine
     assert call.sent == ["config", "audio"] and call.cancelled
     assert guard.breaker.state is BreakerState.CLOSED
+
+
+async def test_a_failed_bidirectional_stream_reads_no_request_after_it_is_left():
+    clock = FakeClock()
+    guard = make_guard(clock)
+    source: asyncio.Queue[str] = asyncio.Queue()
+    source.put_nowait("config")
+
+    async def requests():
+        while True:
+            yield await source.get()
+
+    call = FakeStream(asyncio.Event())  # its responses wait; the writer writes meanwhile
+    with pytest.raises(grpc.aio.AioRpcError):
+        async with guard.stream(lambda _: call, Deadline(None, clock), requests=requests()):
+            await asyncio.sleep(0.01)  # the writer writes the config, then waits for the next request
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE)
+    source.put_nowait("the next call's audio")
+    await asyncio.sleep(0.01)
+    assert call.sent == ["config"] and source.get_nowait() == "the next call's audio"
+
+
+async def test_a_bidirectional_stream_half_closes_after_its_requests():
+    clock = FakeClock()
+    guard = make_guard(clock)
+
+    async def requests():
+        yield "config"
+        yield "audio"
+
+    call = FakeStream(asyncio.Event(), "never")
+    async with guard.stream(lambda _: call, Deadline(None, clock), requests=requests()):
+        await asyncio.sleep(0.01)
+    assert call.sent == ["config", "audio", "done writing"] and call.cancelled
