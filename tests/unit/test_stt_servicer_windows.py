@@ -1,4 +1,5 @@
-"""The STT servicer's window flow with a fake backend: language detection first, bounded in-flight windows."""
+"""The STT servicer's window flow with a fake backend: language detection first, bounded in-flight windows, a
+pause decoded before an agreement decode of the audio it ends."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from parley.audio.v1 import audio_pb2
+from parley.stt.v1 import stt_pb2
 from services.common.batching import DynamicBatcher
 from services.stt.__main__ import batcher_for
 from services.stt.config import SttConfig
@@ -22,7 +25,8 @@ WINDOW_S = 30.0
 
 
 class FakeBackend:
-    """Cuts audio into 30 s windows; "detects" French; records every batch it is given."""
+    """Cuts audio into 30 s windows; "detects" French; records every batch it is given; its default beam is
+    the server's."""
 
     sample_rate_hz = 16000
     workers = 1
@@ -32,6 +36,9 @@ class FakeBackend:
         self.batches: list[list[Window]] = []
         self.compute_s = compute_s
         self.lock = threading.Lock()
+
+    def options(self, *, language: str = "", beam_size: int = 0, **_) -> DecodeOptions:
+        return DecodeOptions(language=language or None, beam_size=beam_size or SttConfig().beam_size)
 
     def windows(self, audio: np.ndarray, options: DecodeOptions) -> list[Window]:
         step = int(WINDOW_S * self.sample_rate_hz)
@@ -125,3 +132,34 @@ async def test_a_short_request_is_decoded_between_the_windows_of_a_long_one():
     finally:
         await asyncio.to_thread(close, stt, batcher)
     assert done == ["short", "long"]
+
+
+async def test_a_pause_right_behind_its_audio_is_decoded_before_an_agreement_decode_of_that_audio():
+    backend = FakeBackend()
+    stt, batcher = servicer(backend)
+    boundary = stt_pb2.SpeechBoundary
+
+    async def requests():
+        yield stt_pb2.StreamingRecognizeRequest(
+            streaming_config=stt_pb2.StreamingRecognitionConfig(
+                format=audio_pb2.AudioFormat(encoding=audio_pb2.PCM_S16LE, sample_rate_hz=16000, channels=1),
+                config=stt_pb2.RecognitionConfig(language="en"),
+                commit_policy=stt_pb2.LOCAL_AGREEMENT,
+                caller_endpointing=True,
+            )
+        )
+        yield stt_pb2.StreamingRecognizeRequest(boundary=boundary(kind=boundary.START, at_ms=0))
+        await asyncio.sleep(0.01)
+        # 1.5 s of audio: enough for an agreement decode, then the pause, as the network delivers it.
+        yield stt_pb2.StreamingRecognizeRequest(audio_content=bytes(2 * 24000))
+        await asyncio.sleep(0.002)
+        yield stt_pb2.StreamingRecognizeRequest(boundary=boundary(kind=boundary.PAUSE, at_ms=1500))
+        yield stt_pb2.StreamingRecognizeRequest(boundary=boundary(kind=boundary.END, at_ms=1500))
+
+    try:
+        results = [r async for r in stt.StreamingRecognize(requests(), Context())]
+    finally:
+        await asyncio.to_thread(close, stt, batcher)
+    beams = [w.options.beam_size for b in backend.batches for w in b]
+    assert beams == [SttConfig().beam_size]  # the final decode only: no agreement decode ran before it
+    assert results[-1].results[-1].is_final

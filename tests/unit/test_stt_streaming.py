@@ -217,3 +217,38 @@ def test_decodes_hear_the_committed_audio_before_the_cut_without_committing_it_a
     updates = rec.apply(job, words(("three", 1900, 2800), ("four", 3000, 4300)), "en")
     assert [c.text for u in updates for c in u.commits] == ["four"]
     assert updates[-1].transcript == "one two three four"
+
+
+def feed_level(rec: StreamRecognizer, ms: int, amplitude: float) -> None:
+    """``ms`` of a 200 Hz tone at ``amplitude`` (speech to the quiet-tail test), or silence at 0."""
+    t = np.arange(ms * SAMPLES_PER_MS) / (SAMPLES_PER_MS * 1000)
+    rec.add_audio((amplitude * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
+
+
+def test_an_agreement_decode_waits_while_the_newest_audio_is_quiet_at_most_400_ms():
+    rec = StreamRecognizer(StreamingParams(min_chunk_s=1.0), language="en")
+    rec.boundary(BoundaryKind.START, 0)
+    feed_level(rec, 900, 0.3)
+    feed_level(rec, 200, 0.001)  # 1.1 s in, the speaker is silent: no agreement decode yet
+    assert rec.next_job() is None
+    rec.boundary(BoundaryKind.PAUSE, 1100)  # the pause came: its final decode goes first
+    job = rec.next_job()
+    assert job is not None and job.final
+
+    rec = StreamRecognizer(StreamingParams(min_chunk_s=1.0), language="en")
+    rec.boundary(BoundaryKind.START, 0)
+    feed_level(rec, 900, 0.3)
+    feed_level(rec, 400, 0.001)
+    assert rec.next_job() is None  # 300 ms past due
+    feed_level(rec, 100, 0.001)  # 400 ms past due: the caller sends no pause; decode anyway
+    job = rec.next_job()
+    assert job is not None and not job.final
+
+    rec = StreamRecognizer(StreamingParams(min_chunk_s=1.0), language="en")
+    rec.boundary(BoundaryKind.START, 0)
+    feed_level(rec, 900, 0.3)
+    feed_level(rec, 200, 0.001)
+    assert rec.next_job() is None
+    feed_level(rec, 100, 0.2)  # speech again
+    job = rec.next_job()
+    assert job is not None and not job.final and job.offset_ms == 0
