@@ -380,11 +380,14 @@ async def test_a_failed_bidirectional_stream_reads_no_request_after_it_is_left()
         while True:
             yield await source.get()
 
-    call = FakeStream(asyncio.Event())  # its responses wait; the writer writes meanwhile
+    written = asyncio.Event()
+    call = FakeStream(written, grpc.StatusCode.UNAVAILABLE)  # fails once the writer has written
     with pytest.raises(grpc.aio.AioRpcError):
-        async with guard.stream(lambda _: call, Deadline(None, clock), requests=requests()):
+        async with guard.stream(lambda _: call, Deadline(None, clock), requests=requests()) as responses:
             await asyncio.sleep(0.01)  # the writer writes the config, then waits for the next request
-            raise rpc_error(grpc.StatusCode.UNAVAILABLE)
+            written.set()
+            async for _ in responses:
+                pass
     source.put_nowait("the next call's audio")
     await asyncio.sleep(0.01)
     assert call.sent == ["config"] and source.get_nowait() == "the next call's audio"
